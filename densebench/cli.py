@@ -1,0 +1,302 @@
+"""The `densebench` command line (typer + rich).
+
+User errors (DenseBenchError) print one message with its fix and exit with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import ConfigError, DenseBenchError, choices_message
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="densebench: how good are this encoder's patch features?")
+list_app = typer.Typer(help="List models and benchmarks.", no_args_is_help=True)
+data_app = typer.Typer(help="Check or prepare dataset folders.", no_args_is_help=True)
+app.add_typer(list_app, name="list")
+app.add_typer(data_app, name="data")
+out = Console()
+err = Console(stderr=True)
+
+
+def parse_extra_options(args: list[str]) -> dict[str, str]:
+    """`--memory-size all --neighbours=10 --flag` -> {"memory_size": "all", "neighbours": "10", "flag": "true"}."""
+    opts: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if not tok.startswith("--") or len(tok) < 3:
+            raise ConfigError(f"unexpected argument {tok!r}", hint="protocol options are written --name value")
+        name, eq, value = tok[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value = args[i + 1]
+                i += 1
+            elif name.startswith("no-"):
+                name, value = name[3:], "false"
+            else:
+                value = "true"
+        opts[name.replace("-", "_")] = value
+        i += 1
+    return opts
+
+
+def _metric_cell(result: dict, key: str) -> str:
+    v = result["metrics"].get(key)
+    return f"{v:.2f}" if isinstance(v, (int, float)) else "-"
+
+
+def _print_results(rows: list[tuple[str, dict, Optional[Path]]]) -> None:
+    from .protocols import get_benchmark
+
+    table = Table(title="densebench results", show_lines=False)
+    for col in ("model", "benchmark", "metric", "value", "forwards", "time (s)", "file"):
+        table.add_column(col, justify="right" if col in ("value", "forwards", "time (s)") else "left")
+    for model, result, path in rows:
+        key = get_benchmark(result["benchmark"]).main_metric
+        cache = result["provenance"].get("cache", {})
+        table.add_row(model, result["benchmark"], key, _metric_cell(result, key),
+                      str(cache.get("images_forwarded", "-")),
+                      f"{result['provenance']['timings']['total_s']:.1f}", str(path) if path else "-")
+    out.print(table)
+
+
+def _print_comparison(results: list[dict]) -> None:
+    """Benchmarks x models table of the headline metric, best per row in bold."""
+    from .protocols import get_benchmark
+
+    models = list(dict.fromkeys(r["model"]["name"] for r in results))
+    benches = list(dict.fromkeys(r["benchmark"] for r in results))
+    table = Table(title="embedded default: synthetic suite (numbers are not comparable to published ones)")
+    table.add_column("benchmark")
+    table.add_column("metric")
+    for m in models:
+        table.add_column(m, justify="right")
+    for b in benches:
+        key = get_benchmark(b).main_metric
+        vals = {r["model"]["name"]: r["metrics"].get(key) for r in results if r["benchmark"] == b}
+        best = max((v for v in vals.values() if isinstance(v, (int, float))), default=None)
+        cells = []
+        for m in models:
+            v = vals.get(m)
+            cell = f"{v:.2f}" if isinstance(v, (int, float)) else "-"
+            cells.append(f"[bold green]{cell}[/]" if v is not None and v == best and len(models) > 1 else cell)
+        table.add_row(b, key, *cells)
+    out.print(table)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model string: a registry name "
+                                        "(densebench list models), timm:<arch>, hf:<repo>, random:<arch>, pixels, "
+                                        "neco:<ckpt>, or pkg.module:factory (runs that code!)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Local weights (.pth/.ckpt/.safetensors) in "
+                                          "timm, Meta DINO/DINOv2 or NeCo format; loaded strictly."),
+    benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b", help="Benchmark name or comma list; "
+                                            "default: every benchmark whose data is under --data-root."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="A dataset's official folder or a folder "
+                                            "holding several (default $DENSEBENCH_DATA)."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Input side in pixels (default: the "
+                                             "protocol's published size)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward batch."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Protocol seed (augmentations, sampling)."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="DataLoader workers."),
+    layer: Optional[int] = typer.Option(None, "--layer", help="Block whose output is used (negative from the end; "
+                                        "default -1)."),
+    feature_norm: Optional[str] = typer.Option(None, "--feature-norm", help="on/off: apply the final norm "
+                                               "(default: the protocol's published choice)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Result .json (one benchmark) or directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing result files."),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Feature cache (default $DENSEBENCH_CACHE "
+                                            "or the user cache dir)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Evaluate an encoder. With no arguments: every benchmark on the built-in synthetic suite (offline, CPU).
+
+    Protocol options are passed as --name value, e.g. --memory-size all --neighbours 30 --augment-epochs 2
+    (see `densebench list benchmarks --options`).
+    """
+    from . import api
+
+    extra = parse_extra_options(list(ctx.args))
+    norm = None
+    if feature_norm is not None:
+        if feature_norm.lower() not in ("on", "off"):
+            raise ConfigError(choices_message("--feature-norm", feature_norm, ["on", "off"]))
+        norm = feature_norm.lower() == "on"
+    common = {"input_size": input_size, "batch_size": batch_size, "seed": seed, "num_workers": num_workers}
+    if model is None:
+        if data_root or weights or extra or any(v is not None for v in common.values()):
+            raise ConfigError("--model is required when other options are given",
+                              hint="`densebench run` with no arguments runs the embedded default; "
+                                   "otherwise name the model, e.g. --model dinov2_vits14")
+        rows = []
+        run_dir, results = api.embedded_default(output or "densebench-results", cache_dir=cache_dir,
+                                                device=api.resolve_device(device), progress=not quiet,
+                                                on_result=lambda b, r, p: rows.append((r["model"]["name"], r, p)))
+        _print_results(rows)
+        _print_comparison(results)
+        out.print(f"results written under [bold]{run_dir}[/]")
+        return
+    rows = []
+    opts = {**common, **extra}
+    if norm is not None:
+        opts["feature_norm"] = norm
+    api.evaluate(model, weights=weights, benchmarks=benchmark, data_root=data_root, device=device,
+                 cache_dir=cache_dir, use_cache=not no_cache, output=output, overwrite=overwrite,
+                 progress=not quiet, layer=layer, feature_norm=norm, options=opts,
+                 on_result=lambda b, r, p: rows.append((model, r, p)))
+    _print_results(rows)
+
+
+@list_app.command("models")
+def list_models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Named encoders, their source and whether their weights are available offline."""
+    from .encoders import list_models as _list
+
+    models = _list()
+    if as_json:
+        out.print_json(json.dumps(models, default=str))
+        return
+    table = Table(title="models (plus timm:<arch>, hf:<repo>, random:<arch>, pixels, neco:<ckpt>, pkg.mod:factory)")
+    keys = ["name", "arch", "patch_size", "native_size", "source", "offline"]
+    for k in keys:
+        table.add_column(k)
+    for m in models:
+        table.add_row(*[str(m.get(k, "")) for k in keys])
+    out.print(table)
+
+
+@list_app.command("benchmarks")
+def list_benchmarks(options: bool = typer.Option(False, "--options", help="Show each protocol's options."),
+                    as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Benchmarks with their protocol, dataset and published defaults."""
+    import dataclasses
+
+    from .protocols import all_benchmarks
+
+    benches = all_benchmarks()
+    if as_json:
+        out.print_json(json.dumps({n: {"protocol": b.protocol, "dataset": b.dataset, "description": b.description,
+                                       "config": dataclasses.asdict(b.default_config())}
+                                   for n, b in benches.items()}, default=str))
+        return
+    table = Table(title="benchmarks")
+    for col in ("name", "protocol", "dataset", "metric", "description"):
+        table.add_column(col)
+    for n, b in benches.items():
+        table.add_row(n, b.protocol, b.dataset, b.main_metric, b.description)
+    out.print(table)
+    if options:
+        seen = set()
+        for b in benches.values():
+            if b.protocol in seen:
+                continue
+            seen.add(b.protocol)
+            cfg = b.default_config()
+            hints = typing.get_type_hints(type(cfg))
+            t = Table(title=f"{b.protocol} options (published defaults)")
+            t.add_column("option")
+            t.add_column("type")
+            t.add_column("default")
+            for f in dataclasses.fields(cfg):
+                if f.name == "dataset":
+                    continue
+                t.add_row("--" + f.name.replace("_", "-"), str(hints[f.name]).replace("typing.", ""),
+                          repr(getattr(cfg, f.name)))
+            out.print(t)
+
+
+@data_app.command("verify")
+def data_verify(name: str = typer.Argument(..., help="voc, ade20k, coco-things, coco-stuff or spair"),
+                root: Optional[str] = typer.Option(None, "--root", help="Dataset folder or data home "
+                                                   "(default $DENSEBENCH_DATA).")) -> None:
+    """Check a dataset folder: layout, counts, label ranges, image/mask sizes. Exit 1 if problems are found."""
+    from .data import FAMILIES
+    from .data.verify import verify
+    from .paths import data_home
+
+    if name not in FAMILIES:
+        raise ConfigError(choices_message("dataset", name, FAMILIES))
+    base = data_home(root)
+    if base is None:
+        raise ConfigError("no dataset folder given", hint="pass --root DIR or set $DENSEBENCH_DATA")
+    problems = verify(name, base)
+    if not problems:
+        out.print(f"[green]{name}: no problems found under {base}[/]")
+        return
+    table = Table(title=f"{name}: {len(problems)} problem(s)")
+    for col in ("path", "problem", "fix"):
+        table.add_column(col, overflow="fold")
+    for p in problems:
+        table.add_row(str(p.path), p.message, p.fix or "")
+    out.print(table)
+    raise typer.Exit(1)
+
+
+@data_app.command("prepare")
+def data_prepare(name: str = typer.Argument(..., help="voc, ade20k, coco-things, coco-stuff or spair")) -> None:
+    """Print the official archives (URLs, checksums) and the steps that build the expected layout."""
+    from .data import FAMILIES
+    from .data.verify import prepare_instructions
+
+    if name not in FAMILIES:
+        raise ConfigError(choices_message("dataset", name, FAMILIES))
+    out.print(prepare_instructions(name), markup=False, highlight=False)
+
+
+@app.command()
+def synth(out_dir: Path = typer.Option(..., "--out", help="Folder to write the synthetic suite into."),
+          seed: int = typer.Option(0, "--seed", help="Generator seed.")) -> None:
+    """Write the deterministic synthetic suite in the four official layouts (the embedded default's data)."""
+    from .data.synth import write_synthetic_suite
+
+    info = write_synthetic_suite(out_dir, seed=seed)
+    out.print(f"synthetic suite written to [bold]{out_dir}[/]")
+    if isinstance(info, dict):
+        out.print_json(json.dumps(info, default=str))
+
+
+@app.command()
+def version() -> None:
+    """Print the densebench version."""
+    out.print(__version__)
+
+
+def _register_optional() -> None:
+    try:
+        from . import cli_board
+    except ModuleNotFoundError as e:
+        if e.name != "densebench.cli_board":
+            raise
+        return
+    cli_board.register(app)
+
+
+_register_optional()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=True)
+    except DenseBenchError as e:
+        err.print(f"[bold red]error:[/] {e.message}", highlight=False)
+        if e.hint:
+            err.print(f"[bold]fix:[/] {e.hint}", highlight=False)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()
