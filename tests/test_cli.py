@@ -1,0 +1,162 @@
+"""`densebench run` end to end on the synthetic suite, and every bad input of issue 2 (exit 2, no traceback)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from densebench.cli import main
+from densebench.results import read_result
+
+SMALL = ["--input-size", "64", "--augment-epochs", "1", "--quiet"]
+
+
+def run_cli(args, capsys):
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_run_writes_valid_result(synth_root, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code, stdout, stderr = run_cli(["run", "--model", "pixels", "--benchmark", "voc-incontext", "--data-root",
+                                    str(synth_root), *SMALL, "--output", str(out)], capsys)
+    assert code == 0, stderr
+    res = read_result(out)  # schema + integrity
+    assert res["benchmark"] == "voc-incontext"
+    assert res["config"]["input_size"] == 64 and res["config"]["augment_epochs"] == 1
+    assert 0 <= res["metrics"]["miou"] <= 100
+    assert res["metrics"]["miou"] >= res["metrics"]["miou_identity"] - 1e-9  # Hungarian can only help
+    assert res["provenance"]["dataset"]["synthetic"] is True
+    assert "voc-incontext" in stdout
+
+
+def test_official_folder_and_data_home_give_the_same_result(synth_root, tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for root, out in ((synth_root, a), (synth_root / "VOCSegmentation", b)):
+        code, _, err = run_cli(["run", "--model", "pixels", "--benchmark", "voc-incontext", "--data-root", str(root),
+                                *SMALL, "--output", str(out)], capsys)
+        assert code == 0, err
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ra["metrics"] == rb["metrics"]
+
+
+def test_existing_output_is_refused_and_untouched(synth_root, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    out.write_text("precious")
+    code, _, err = run_cli(["run", "--model", "pixels", "--benchmark", "voc-incontext", "--data-root",
+                            str(synth_root), *SMALL, "--output", str(out)], capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert out.read_text() == "precious"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--benchmark", "voc-nope"], "unknown benchmark"),
+    (["--model", "no_such_model"], "no_such_model"),
+    (["--memory-size", "lots"], "--memory-size"),
+    (["--no-such-option", "3"], "--no-such-option"),
+    (["--input-size", "70"], "multiple of the patch size"),
+    (["--temperature", "0"], "--temperature"),
+])
+def test_bad_values_exit_2(synth_root, tmp_path, capsys, args, needle):
+    base = {"--model": "pixels", "--benchmark": "voc-incontext"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    argv = ["run", "--data-root", str(synth_root), "--quiet", "--output", str(tmp_path / "x.json")]
+    for k, v in base.items():
+        argv += [k, v]
+    if "--input-size" not in base:
+        argv += ["--input-size", "64"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2, err
+    assert needle in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_missing_data_root(tmp_path, capsys):
+    code, _, err = run_cli(["run", "--model", "pixels", "--benchmark", "voc-incontext", "--data-root",
+                            str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "nowhere" in err
+
+
+def test_data_root_without_the_dataset(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["run", "--model", "pixels", "--benchmark", "voc-incontext", "--data-root",
+                            str(tmp_path / "empty")], capsys)
+    assert code == 2 and "VOCSegmentation" in err
+
+
+def _copy_voc(synth_root, tmp_path):
+    dst = tmp_path / "home"
+    shutil.copytree(synth_root / "VOCSegmentation", dst / "VOCSegmentation")
+    return dst
+
+
+def _first_val_id(root):
+    return (root / "VOCSegmentation" / "sets" / "val.txt").read_text().split()[0]
+
+
+@pytest.mark.parametrize("damage", ["unreadable", "size", "labels"])
+def test_damaged_files_exit_2_naming_the_file(synth_root, tmp_path, capsys, damage):
+    home = _copy_voc(synth_root, tmp_path)
+    vid = _first_val_id(home)
+    img = home / "VOCSegmentation" / "images" / f"{vid}.jpg"
+    mask = home / "VOCSegmentation" / "SegmentationClass" / f"{vid}.png"
+    if damage == "unreadable":
+        img.write_bytes(b"not a jpeg")
+        needle = img.name
+    elif damage == "size":
+        m = Image.open(mask)
+        m.resize((m.width + 3, m.height)).save(mask)
+        needle = mask.name
+    else:
+        m = Image.open(mask)
+        arr = np.array(m)
+        arr[0:4, 0:4] = 77
+        out = Image.fromarray(arr, mode="P")
+        out.putpalette(m.getpalette())
+        out.save(mask)
+        needle = "77"
+    out_file = tmp_path / "r.json"
+    code, _, err = run_cli(["run", "--model", "pixels", "--benchmark", "voc-incontext", "--data-root", str(home),
+                            *SMALL, "--no-cache", "--output", str(out_file)], capsys)
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err
+    assert not out_file.exists()
+
+
+def test_weights_that_do_not_fit_exit_2(synth_root, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "w.safetensors"
+    save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, str(bad))
+    code, _, err = run_cli(["run", "--model", "timm:vit_tiny_patch16_224", "--weights", str(bad), "--benchmark",
+                            "voc-incontext", "--data-root", str(synth_root), *SMALL], capsys)
+    assert code == 2 and "w.safetensors" in err and "Traceback" not in err
+
+
+def test_console_script_exit_code_without_traceback(tmp_path):
+    exe = Path(sys.executable).parent / "densebench"
+    proc = subprocess.run([str(exe), "run", "--model", "pixels", "--benchmark", "voc-nope", "--data-root",
+                           str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown benchmark" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_list_commands(capsys):
+    code, out, _ = run_cli(["list", "benchmarks", "--options"], capsys)
+    assert code == 0 and "voc-incontext" in out and "--memory-size" in out
+    code, out, _ = run_cli(["list", "models"], capsys)
+    assert code == 0 and "dinov2_vits14" in out
