@@ -218,14 +218,13 @@ def _place_objects(img, label, classes, styles, rng, value_of=lambda c: c):
         label[m] = value_of(c)
 
 
-def _bands(img, label, choices, styles, rng, value_of=lambda c: c):
-    """Fill the image with 2-3 horizontal stuff bands with wavy borders, one class from each choice tuple."""
+def _bands(img, label, classes, styles, rng, value_of=lambda c: c):
+    """Fill the image with horizontal stuff bands (one per entry of ``classes``, top first), wavy borders."""
     h, w = label.shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    cuts = sorted(rng.uniform(0.25, 0.75, size=len(choices) - 1) * h)
+    cuts = sorted(rng.uniform(0.25, 0.75, size=len(classes) - 1) * h)
     top = np.zeros((h, w), bool)
-    for i, opts in enumerate(choices):
-        c = opts[int(rng.integers(len(opts)))]
+    for i, c in enumerate(classes):
         if i < len(cuts):
             border = cuts[i] + rng.uniform(3, 9) * np.sin(2 * np.pi * xx / rng.uniform(40, 90) + rng.uniform(0, 6.3))
             m = (yy < border) & ~top
@@ -336,12 +335,13 @@ def _write_ade20k(out: Path, scale: dict, rng: np.random.Generator) -> dict:
         ids, hist = [], {}
         n_obj = [int(rng.integers(1, 4)) for _ in range(n)]
         draws = _cycle(rng, len(ADE_OBJECTS), sum(n_obj))
+        band_draws = {k: _cycle(rng, len(v), n) for k, v in ADE_STUFF.items()}
         for i in range(n):
             id_ = f"{prefix}{i + 1:08d}"
             w, h = _size(rng, scale)
             img = np.zeros((h, w, 3), np.float32)
             label = np.zeros((h, w), np.uint8)
-            _bands(img, label, [ADE_STUFF["top"], ADE_STUFF["middle"], ADE_STUFF["bottom"]], styles, rng)
+            _bands(img, label, [ADE_STUFF[k][band_draws[k][i]] for k in ("top", "middle", "bottom")], styles, rng)
             start = sum(n_obj[:i])
             _place_objects(img, label, [ADE_OBJECTS[d] for d in draws[start:start + n_obj[i]]], styles, rng)
             if rng.uniform() < 0.7:   # an unlabelled ("other", 0) region
@@ -386,13 +386,14 @@ def _write_coco(out: Path, scale: dict, rng: np.random.Generator) -> dict:
         ids, ht, hs = [], {}, {}
         n_obj = [int(rng.integers(2, 5)) for _ in range(n)]
         draws = _cycle(rng, len(COCO_THINGS), sum(n_obj))
+        band_draws = {k: _cycle(rng, len(v), n) for k, v in COCO_STUFF_BANDS.items()}
         for i in range(n):
             serial += 1
             id_ = f"{serial * 7919 % 581000 + 100:012d}"
             w, h = _size(rng, scale)
             img = np.zeros((h, w, 3), np.float32)
             stuff = np.zeros((h, w), np.uint8)       # COCO-Stuff pixelmap values
-            _bands(img, stuff, [COCO_STUFF_BANDS["top"], COCO_STUFF_BANDS["bottom"]], sstyles, rng)
+            _bands(img, stuff, [COCO_STUFF_BANDS[k][band_draws[k][i]] for k in ("top", "bottom")], sstyles, rng)
             things = np.zeros((h, w), np.uint8)      # panoptic thing category ids
             start = sum(n_obj[:i])
             _place_objects(img, things, [COCO_THINGS[d] for d in draws[start:start + n_obj[i]]], tstyles, rng)
@@ -448,7 +449,8 @@ def _spair_template(ci: int) -> tuple[np.ndarray, float]:
     k = 8 + ci % 4
     ang = np.linspace(0, 2 * np.pi, k, endpoint=False) + 0.3 * ci
     rad = np.where(np.arange(k) % 2 == 0, 0.75, 0.4)
-    return np.stack([rad * np.cos(ang), rad * np.sin(ang)], 1), 0.65 + 0.08 * ci
+    aspect = 0.65 + 0.08 * ci
+    return np.stack([rad * np.cos(ang), rad * aspect * np.sin(ang)], 1), aspect
 
 
 def _render_spair(ci: int, a: np.ndarray, h: int, w: int, rng) -> tuple[np.ndarray, np.ndarray]:
