@@ -94,8 +94,13 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def make_result(*, benchmark: str, model: dict, config: Any, metrics: dict, device: str, seeds: dict,
-                timings: dict, dataset: dict, cache: dict | None = None) -> dict:
-    """Assemble, hash and validate a result record."""
+                timings: dict, dataset: dict, cache: dict | None = None,
+                artifacts: list[str] | None = None) -> dict:
+    """Assemble, hash and validate a result record.
+
+    ``artifacts``: paths of files the run wrote besides the result (pictures), kept in provenance so
+    reports can show them.
+    """
     env = environment(device)
     result = {
         "schema_version": SCHEMA_VERSION,
@@ -114,6 +119,7 @@ def make_result(*, benchmark: str, model: dict, config: Any, metrics: dict, devi
             "encoder_fingerprint": model["fingerprint"],
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "cache": cache or {},
+            **({"artifacts": [str(a) for a in artifacts]} if artifacts else {}),
         }),
         "metrics": _jsonable(metrics),
     }
