@@ -150,3 +150,40 @@ class HummingbirdTrainView:
 
     def describe(self) -> dict:
         return {"view": "hbird-train", **asdict(self)}
+
+
+@dataclass(frozen=True)
+class LinearTrainView:
+    """The Leopart/NeCo linear-probe training augmentation (spec §4.1), one fixed draw per (seed, view, index).
+
+    Paired RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(3/4, 4/3)) (bilinear+antialias image, nearest
+    mask), then a horizontal flip with p=0.5, then the mask is nearest-resized to ``mask_size`` (the
+    published 100x100 training masks). The linear probe caches a few such views per image instead of
+    drawing a fresh one every epoch; ``view`` says which draw this is.
+    """
+
+    size: int
+    mask_size: int
+    seed: int
+    view: int
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    scale: tuple = (0.8, 1.0)
+    ratio: tuple = (3 / 4, 4 / 3)
+    flip: bool = True
+
+    def __call__(self, index: int, image: Image.Image, mask: np.ndarray):
+        g = generator_for(self.seed, self.view, index)
+        img = to_tensor(image)
+        m = torch.from_numpy(np.asarray(mask))
+        top, left, h, w = random_resized_crop_params(g, img.shape[1], img.shape[2], self.scale, self.ratio)
+        img = resize_image(img[:, top:top + h, left:left + w], (self.size, self.size))
+        m = resize_mask(m[top:top + h, left:left + w], (self.size, self.size))
+        if self.flip and float(torch.rand((), generator=g)) < 0.5:
+            img, m = img.flip(-1), m.flip(-1)
+        if self.mask_size != self.size:
+            m = resize_mask(m, (self.mask_size, self.mask_size))
+        return normalise(img, self.mean, self.std), m
+
+    def describe(self) -> dict:
+        return {"view": "linear-train", **asdict(self)}

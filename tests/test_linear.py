@@ -1,0 +1,401 @@
+"""The linear segmentation probe: its pieces against literal/brute-force computations, and end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TVF
+from PIL import Image
+
+from densebench.data.base import MANIFEST_NAME
+from densebench.encoders.base import IMAGENET_MEAN, IMAGENET_STD, DenseEncoder
+from densebench.errors import ConfigError, DataError
+from densebench.features import FeatureCache
+from densebench.metrics import ConfusionMatrix
+from densebench.protocols import get_benchmark
+from densebench.protocols.linear import (Config, epoch_batches, evaluate_head, head_logits, make_head, run,
+                                         train_head)
+from densebench.transforms import LinearTrainView, random_resized_crop_params, generator_for
+
+# --------------------------------------------------------------------------------------- fixtures
+
+#: 21 well-separated RGB colours (levels 0/128/255 per channel, first 21 of the 27 combinations).
+PALETTE = np.array([(r, g, b) for r in (0, 128, 255) for g in (0, 128, 255) for b in (0, 128, 255)][:21],
+                   dtype=np.uint8)
+
+
+class PaletteEncoder(DenseEncoder):
+    """A fake encoder whose features *are* the label: per patch, the fraction of pixels of each palette colour.
+
+    Images painted with PALETTE[class] therefore give features from which a linear head recovers the
+    class of every pure patch exactly: a perfectly separable feature map.
+    """
+
+    def __init__(self, patch: int = 8, scale: float = 10.0):
+        super().__init__()
+        self.patch_size, self.embed_dim = patch, len(PALETTE)
+        self.fingerprint, self.name = f"palette-test-{patch}-{scale}", "palette-test"
+        self.scale = scale
+        self.register_buffer("palette", torch.tensor(PALETTE, dtype=torch.float32) / 255.0)
+
+    def _features(self, images, layer, norm):
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        rgb = images * std + mean
+        dist = ((rgb[:, None] - self.palette[None, :, :, None, None]) ** 2).sum(2)     # (B, C, H, W)
+        onehot = F.one_hot(dist.argmin(1), len(PALETTE)).permute(0, 3, 1, 2).float()
+        return (F.avg_pool2d(onehot, self.patch_size) * self.scale).permute(0, 2, 3, 1)
+
+
+def write_palette_voc(root, n_train: int = 12, n_val: int = 12, size: int = 64, block: int = 32, seed: int = 0):
+    """A VOC-layout dataset (with a synthetic manifest) of blocks painted with PALETTE[class].
+
+    Every class of the 21 appears in val; a few pixels per image are the 255 boundary label.
+    """
+    rng = np.random.default_rng(seed)
+    voc = root / "VOCSegmentation"
+    for d in ("images", "SegmentationClass", "SegmentationClassAug"):
+        (voc / d).mkdir(parents=True, exist_ok=True)
+    splits = {"trainaug": [], "val": []}
+    k = 0
+    for split, n in (("trainaug", n_train), ("val", n_val)):
+        for i in range(n):
+            g = size // block
+            cls = (np.arange(g * g) + k) % len(PALETTE)
+            k += g * g
+            rng.shuffle(cls)
+            label = np.kron(cls.reshape(g, g), np.ones((block, block), dtype=np.int64)).astype(np.uint8)
+            img = PALETTE[label]
+            label[rng.random(label.shape) < 0.01] = 255
+            id_ = f"{split}_{i:03d}"
+            Image.fromarray(img).save(voc / "images" / f"{id_}.jpg", quality=98)
+            folder = "SegmentationClassAug" if split == "trainaug" else "SegmentationClass"
+            Image.fromarray(label, "L").save(voc / folder / f"{id_}.png")
+            splits[split].append(id_)
+    (voc / MANIFEST_NAME).write_text(json.dumps({"synthetic": True, "splits": splits}))
+    return root
+
+
+def small_config(**kw) -> Config:
+    base = dict(dataset="voc", input_size=64, train_mask_size=32, head_batch_size=4, epochs=6, lr_drop_epoch=4,
+                train_views=2, batch_size=8)
+    base.update(kw)
+    return Config(**base)
+
+
+# ------------------------------------------------------------------------- head / upsampling order
+
+@pytest.mark.parametrize("grid,size", [(7, 100), (4, 32), (5, 13), (3, 3)])
+def test_head_commutes_with_bilinear_upsampling(grid, size):
+    """head(up(f)) == up(head(f)): logits, loss and gradients agree to float64 rounding."""
+    torch.manual_seed(0)
+    feats = torch.randn(3, grid, grid, 10, dtype=torch.float64)
+    head = make_head(10, 4, seed=1).double()
+    a = head_logits(head, feats, size, "features")
+    b = head_logits(head, feats, size, "logits")
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.equal(a.argmax(1), b.argmax(1))
+    target = torch.randint(0, 4, (3, size, size))
+    target[:, 0] = 255
+    grads = []
+    for mode in ("features", "logits"):
+        head.zero_grad()
+        F.cross_entropy(head_logits(head, feats, size, mode), target, ignore_index=255).backward()
+        grads.append((head.weight.grad.clone(), head.bias.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-12)
+
+
+def test_head_is_the_published_conv_and_seeded():
+    h1, h2 = make_head(16, 5, seed=400), make_head(16, 5, seed=400)
+    assert isinstance(h1, torch.nn.Conv2d) and h1.kernel_size == (1, 1) and h1.bias is not None
+    assert torch.equal(h1.weight, h2.weight) and torch.equal(h1.bias, h2.bias)
+    assert not torch.equal(h1.weight, make_head(16, 5, seed=401).weight)
+    # building a head does not consume the global RNG
+    torch.manual_seed(3)
+    a = torch.rand(1)
+    torch.manual_seed(3)
+    make_head(16, 5, seed=0)
+    assert torch.equal(torch.rand(1), a)
+
+
+def test_epoch_batches_cover_every_image_once_and_drop_last():
+    g = torch.Generator().manual_seed(0)
+    batches = epoch_batches(10, 4, False, g)
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(10))
+    assert all((np.diff(b) > 0).all() for b in batches)
+    dropped = epoch_batches(10, 4, True, torch.Generator().manual_seed(0))
+    assert [len(b) for b in dropped] == [4, 4]
+    assert [b.tolist() for b in dropped] == [b.tolist() for b in batches[:2]]
+
+
+# --------------------------------------------------------------------------------- evaluation
+
+def test_evaluate_head_matches_per_image_brute_force():
+    """Confusion matrix of the chunked, head-first evaluation == a per-image, features-first numpy count."""
+    g = torch.Generator().manual_seed(2)
+    n, s, d, C, size, ignore = 5, 4, 6, 3, 16, 255
+    feats = torch.randn(n, s, s, d, generator=g).half().numpy()
+    masks = torch.randint(0, C, (n, size, size), generator=g).to(torch.uint8)
+    masks[torch.rand(masks.shape, generator=g) < 0.1] = ignore
+    head = make_head(d, C, seed=0)
+    conf = evaluate_head(head, {"features": feats, "masks": masks.numpy()}, C, ignore, size, "logits", chunk=2)
+    expect = np.zeros((C, C), dtype=np.int64)
+    with torch.no_grad():
+        for i in range(n):
+            f = torch.from_numpy(feats[i:i + 1]).float().permute(0, 3, 1, 2)
+            up = F.interpolate(f, size=(size, size), mode="bilinear", align_corners=False)
+            pred = head(up).argmax(1)[0].numpy()
+            for y in range(size):
+                for x in range(size):
+                    t = int(masks[i, y, x])
+                    if t != ignore:
+                        expect[t, pred[y, x]] += 1
+    assert np.array_equal(conf.matrix, expect)
+
+
+def test_evaluate_head_downsamples_masks_by_nearest():
+    """Validation at 100 from 448 masks (the published training-time validation): nearest 448 -> size."""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 3, 3, 4, generator=g).half().numpy()
+    masks = torch.randint(0, 2, (2, 12, 12), generator=g).to(torch.uint8)
+    head = make_head(4, 2, seed=0)
+    conf = evaluate_head(head, {"features": feats, "masks": masks.numpy()}, 2, 255, 5)
+    small = masks[:, (np.arange(5) * 12 // 5)][:, :, (np.arange(5) * 12 // 5)]   # nearest index = floor(i*12/5)
+    ref = ConfusionMatrix(2, ignore_index=255)
+    with torch.no_grad():
+        ref.update(head_logits(head, torch.from_numpy(feats).float(), 5).argmax(1), small.long())
+    assert np.array_equal(conf.matrix, ref.matrix)
+
+
+# ----------------------------------------------------------------------------------- training
+
+def _literal_training(views, C, ignore, cfg):
+    """The published loop written out plainly: features upsampled first, fresh data per epoch, StepLR per epoch."""
+    head = make_head(views[0]["features"].shape[-1], C, cfg.seed).double()
+    opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_drop_epoch, gamma=cfg.lr_gamma)
+    order = torch.Generator().manual_seed(cfg.seed)
+    curve = []
+    for epoch in range(cfg.epochs):
+        v = views[epoch]   # one fresh view per epoch: the on-the-fly recipe
+        perm = torch.randperm(len(v["features"]), generator=order).numpy()
+        losses = []
+        for start in range(0, len(perm), cfg.head_batch_size):
+            idx = np.sort(perm[start:start + cfg.head_batch_size])
+            f = torch.from_numpy(v["features"][idx].astype(np.float64)).permute(0, 3, 1, 2)
+            f = F.interpolate(f, size=(cfg.train_mask_size,) * 2, mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(head(f), torch.from_numpy(v["masks"][idx]).long(), ignore_index=ignore)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        sched.step()
+        curve.append(float(np.mean(losses)))
+    return head, curve
+
+
+def _random_views(n_views, n=6, s=3, d=5, C=3, m=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_views):
+        masks = torch.randint(0, C, (n, m, m), generator=g).to(torch.uint8)
+        masks[torch.rand(masks.shape, generator=g) < 0.05] = 255
+        out.append({"features": torch.randn(n, s, s, d, generator=g).half().numpy(), "masks": masks.numpy()})
+    return out
+
+
+def test_cached_training_with_one_view_per_epoch_equals_the_literal_recipe():
+    """train_views == epochs reproduces the on-the-fly data stream; head-first == features-first training."""
+    cfg = Config(epochs=5, train_views=5, head_batch_size=4, train_mask_size=8, lr_drop_epoch=3, lr=0.1, seed=7)
+    views = _random_views(5)
+    trained = train_head(views, 3, 255, cfg)
+    ref_head, ref_curve = _literal_training(views, 3, 255, cfg)
+    assert trained.steps == 5 * 2 and trained.skipped_batches == 0
+    np.testing.assert_allclose(trained.loss_curve, ref_curve, rtol=1e-5)
+    torch.testing.assert_close(trained.head.weight.double(), ref_head.weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(trained.head.bias.double(), ref_head.bias, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_views_cycle_over_epochs():
+    """With N views, epoch e trains on view e mod N: same result as the literal loop fed that cycle."""
+    cfg = Config(epochs=5, train_views=2, head_batch_size=4, train_mask_size=8, lr_drop_epoch=3, lr=0.1)
+    views = _random_views(2, seed=1)
+    trained = train_head(views, 3, 255, cfg)
+    _, ref_curve = _literal_training([views[e % 2] for e in range(5)], 3, 255, cfg)
+    np.testing.assert_allclose(trained.loss_curve, ref_curve, rtol=1e-5)
+
+
+def test_select_on_val_returns_the_best_epochs_head():
+    views = _random_views(1, n=8, seed=3)
+    val = _random_views(1, n=4, seed=4)[0]
+    cfg = Config(epochs=6, train_views=1, head_batch_size=4, train_mask_size=8, lr=0.5, select_on_val=True)
+    trained = train_head(views, 3, 255, cfg, val=val)
+    assert len(trained.val_curve) == 6
+    best = int(np.argmax(trained.val_curve)) + 1
+    assert trained.selected_epoch == best
+    # the returned head is the one a run of `best` epochs ends with (same seeds, same schedule)
+    short = train_head(views, 3, 255, dataclasses.replace(cfg, epochs=best, select_on_val=False))
+    torch.testing.assert_close(trained.head.weight, short.head.weight)
+
+
+def test_batches_with_only_ignore_pixels_are_skipped_not_nan():
+    views = _random_views(1, n=4)
+    views[0]["masks"][:2] = 255     # with batch 2 and a seeded order, some batches may be all-ignore
+    cfg = Config(epochs=3, train_views=1, head_batch_size=1, train_mask_size=8)
+    trained = train_head(views, 3, 255, cfg)
+    assert trained.skipped_batches == 3 * 2 and trained.steps == 3 * 2
+    assert all(np.isfinite(trained.loss_curve))
+    views[0]["masks"][:] = 255
+    with pytest.raises(DataError, match="only the ignore index"):
+        train_head(views, 3, 255, cfg)
+
+
+# ------------------------------------------------------------------------------------ the view
+
+def test_linear_train_view_is_torchvision_crop_flip_with_seeded_params():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    mask = rng.integers(0, 7, (50, 70), dtype=np.uint8)
+    view = LinearTrainView(32, 16, seed=400, view=1)
+    x, m = view(3, img, mask)
+    x2, m2 = view(3, img, mask)
+    assert torch.equal(x, x2) and torch.equal(m, m2) and x.shape == (3, 32, 32) and m.shape == (16, 16)
+    assert not torch.equal(x, LinearTrainView(32, 16, seed=400, view=2)(3, img, mask)[0])
+    # independent recomputation with torchvision's functional ops and the same draw
+    g = generator_for(400, 1, 3)
+    top, left, h, w = random_resized_crop_params(g, 50, 70, (0.8, 1.0), (3 / 4, 4 / 3))
+    assert h * w >= 0.8 * 50 * 70 * 0.95
+    flip = float(torch.rand((), generator=g)) < 0.5
+    ref = TVF.resized_crop(TVF.pil_to_tensor(img).float() / 255, top, left, h, w, [32, 32], antialias=True)
+    ref_m = TVF.resized_crop(torch.from_numpy(mask)[None], top, left, h, w, [32, 32],
+                             interpolation=TVF.InterpolationMode.NEAREST)
+    if flip:
+        ref, ref_m = TVF.hflip(ref), TVF.hflip(ref_m)
+    ref = TVF.normalize(ref, IMAGENET_MEAN, IMAGENET_STD)
+    ref_m = TVF.resize(ref_m, [16, 16], interpolation=TVF.InterpolationMode.NEAREST)[0]
+    torch.testing.assert_close(x, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(m, ref_m)
+
+
+def test_linear_train_view_flips_about_half_of_the_draws():
+    img = Image.fromarray(np.zeros((20, 20, 3), np.uint8))
+    mask = np.tile(np.arange(20, dtype=np.uint8), (20, 1))   # increasing left to right
+    flips = 0
+    for i in range(200):
+        _, m = LinearTrainView(20, 20, seed=0, view=0, scale=(1.0, 1.0), ratio=(1.0, 1.0))(i, img, mask)
+        flips += int(m[0, 0] > m[0, -1])
+    assert 70 < flips < 130
+
+
+# ---------------------------------------------------------------------------------- end to end
+
+def test_separable_feature_map_is_learnt_to_about_100_miou(tmp_path):
+    root = write_palette_voc(tmp_path / "data")
+    enc = PaletteEncoder()
+    cfg = small_config(epochs=25, lr_drop_epoch=20, head_batch_size=2)   # published lr, momentum, decay, schedule
+    res = run(enc, root, cfg, cache=FeatureCache(tmp_path / "cache"), progress=False, benchmark="voc-linear")
+    m = res["metrics"]
+    # the only errors left are pixels next to block borders, where bilinear logits cross over
+    assert m["miou"] > 98.5, m["per_class_iou"]
+    assert min(m["per_class_iou"].values()) > 94.0
+    assert len(m["per_class_iou"]) == 21
+    curve = m["train_loss_curve"]
+    assert len(curve) == 25 and curve[-1] < 0.5 * curve[0]
+    assert res["config"]["reported_epoch"] == 25 and res["config"]["upsample"] == "logits"
+    assert res["provenance"]["dataset"]["n_train"] == 12 and res["provenance"]["dataset"]["synthetic"]
+
+
+def test_features_first_order_gives_the_same_numbers(tmp_path):
+    root = write_palette_voc(tmp_path / "data", n_train=6, n_val=3)
+    enc = PaletteEncoder()
+    cache = FeatureCache(tmp_path / "cache")
+    a = run(enc, root, small_config(), cache=cache, progress=False)
+    b = run(enc, root, small_config(upsample="features"), cache=cache, progress=False)
+    assert abs(a["metrics"]["miou"] - b["metrics"]["miou"]) < 0.05
+    np.testing.assert_allclose(a["metrics"]["train_loss_curve"], b["metrics"]["train_loss_curve"], rtol=1e-4)
+
+
+def test_cache_is_reused_and_extra_views_only_cost_their_own_forwards(tmp_path):
+    root = write_palette_voc(tmp_path / "data", n_train=6, n_val=3)
+    enc = PaletteEncoder()
+    cache = FeatureCache(tmp_path / "cache")
+    first = run(enc, root, small_config(train_views=2), cache=cache, progress=False)
+    assert enc.images_forwarded == 2 * 6 + 3
+    before = enc.images_forwarded
+    second = run(enc, root, small_config(train_views=2), cache=cache, progress=False)
+    assert enc.images_forwarded == before          # zero forwards on the warm run
+    assert second["provenance"]["cache"]["images_forwarded"] == 0
+    assert second["metrics"]["miou"] == first["metrics"]["miou"]
+    assert second["metrics"]["train_loss_curve"] == first["metrics"]["train_loss_curve"]
+    # head hyper-parameters do not touch the features: still zero forwards
+    run(enc, root, small_config(train_views=2, lr=0.05, epochs=4), cache=cache, progress=False)
+    assert enc.images_forwarded == before
+    # a third view costs exactly one pass over the training images
+    run(enc, root, small_config(train_views=3), cache=cache, progress=False)
+    assert enc.images_forwarded == before + 6
+
+
+def test_result_records_the_legacy_selection_and_curves(tmp_path):
+    root = write_palette_voc(tmp_path / "data", n_train=6, n_val=3)
+    res = run(PaletteEncoder(), root, small_config(select_on_val=True), progress=False)
+    m, c = res["metrics"], res["config"]
+    assert len(m["val_miou_curve"]) == 6 and len(m["train_loss_curve"]) == 6
+    assert c["reported_epoch"] == int(np.argmax(m["val_miou_curve"])) + 1
+    assert "LEGACY" in c["metric_notes"]["reported_epoch"]
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize("field,value,match", [
+    ("train_views", 0, "train-views"), ("train_views", 30, "exceeds --epochs"), ("epochs", 0, "epochs"),
+    ("lr", 0.0, "--lr"), ("momentum", 1.0, "momentum"), ("crop_min_scale", 1.5, "crop-min-scale"),
+    ("upsample", "nearest", "accepted: features, logits"), ("normalization", "foo", "accepted"),
+    ("head_batch_size", 0, "head-batch-size"), ("lr_gamma", 0.0, "lr-gamma"), ("eval_size", 0, "eval-size"),
+])
+def test_bad_config_values_are_refused_with_the_value(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        dataclasses.replace(Config(), **{field: value}).validate()
+
+
+def test_cli_options_are_coerced_and_checked():
+    from densebench.api import build_config
+
+    bench = get_benchmark("voc-linear")
+    cfg = build_config(bench, {"train_views": "3", "select_on_val": "true", "eval_size": "none"})
+    assert cfg.train_views == 3 and cfg.select_on_val is True and cfg.eval_size is None
+    assert cfg.drop_last is True and cfg.head_batch_size == 128 and cfg.seed == 400   # published VOC recipe
+    with pytest.raises(ConfigError, match="expects int"):
+        build_config(bench, {"train_views": "many"})
+    with pytest.raises(ConfigError, match="accepted"):
+        build_config(bench, {"upsample": "bicubic"})
+
+
+def test_input_size_must_be_a_multiple_of_the_patch(tmp_path):
+    root = write_palette_voc(tmp_path / "data", n_train=2, n_val=1)
+    with pytest.raises(ConfigError, match="multiple of the patch size 8"):
+        run(PaletteEncoder(), root, small_config(input_size=60), progress=False)
+
+
+def test_drop_last_with_too_few_images_is_explained(tmp_path):
+    root = write_palette_voc(tmp_path / "data", n_train=3, n_val=1)
+    with pytest.raises(ConfigError, match="no training batch"):
+        run(PaletteEncoder(), root, small_config(drop_last=True), progress=False)
+
+
+def test_benchmarks_are_registered_with_published_defaults():
+    for name, family in (("voc-linear", "voc"), ("coco-things-linear", "coco-things"),
+                         ("coco-stuff-linear", "coco-stuff"), ("ade20k-linear", "ade20k")):
+        b = get_benchmark(name)
+        cfg = b.default_config()
+        assert b.main_metric == "miou" and cfg.dataset == family
+        assert (cfg.input_size, cfg.train_mask_size, cfg.epochs, cfg.lr, cfg.momentum, cfg.weight_decay,
+                cfg.lr_drop_epoch, cfg.lr_gamma, cfg.head_batch_size, cfg.seed) == \
+               (448, 100, 25, 0.01, 0.9, 1e-4, 20, 0.1, 128, 400)
+        assert cfg.eval_size is None and cfg.select_on_val is False and cfg.crop_min_scale == 0.8
