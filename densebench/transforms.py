@@ -187,3 +187,48 @@ class LinearTrainView:
 
     def describe(self) -> dict:
         return {"view": "linear-train", **asdict(self)}
+
+
+@dataclass(frozen=True)
+class SquarePadView:
+    """probe3d's SPair-71k view (spec §6.2-6.3), one fixed result per image (no randomness).
+
+    The whole image (no bounding-box crop) is padded on the bottom and right to a square of side
+    max(H, W) with ``fill`` (published: 255, white), resized to ``size`` (PIL bicubic, which antialiases,
+    as torchvision's Resize on a PIL image does), normalised, and finally zero-padded symmetrically (zeros
+    in normalised space, i.e. the mean colour) up to a multiple of ``patch`` when ``size`` is not one:
+    800 becomes 812 for /14 models, as probe3d pads inside its backbone wrapper. A pixel x of the original
+    image therefore sits at ``x * size / max(H, W) + offset`` in the encoder input. The mask is not used
+    by the correspondence protocol; a 1x1 placeholder keeps the feature extractor's batching uniform.
+    """
+
+    size: int
+    patch: int = 1
+    fill: int = 255
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    @property
+    def padded_size(self) -> int:
+        """Side of the encoder input: ``size`` rounded up to a multiple of ``patch``."""
+        return -(-self.size // self.patch) * self.patch
+
+    @property
+    def offset(self) -> int:
+        """Pixels of symmetric padding before the image (top and left)."""
+        return (self.padded_size - self.size) // 2
+
+    def __call__(self, index: int, image: Image.Image, mask: np.ndarray | None = None):
+        side = max(image.size)
+        square = Image.new("RGB", (side, side), (self.fill,) * 3)
+        square.paste(image.convert("RGB"), (0, 0))
+        img = to_tensor(square.resize((self.size, self.size), Image.Resampling.BICUBIC))
+        img = normalise(img, self.mean, self.std)
+        extra = self.padded_size - self.size
+        if extra:
+            lo = self.offset
+            img = F.pad(img, (lo, extra - lo, lo, extra - lo))
+        return img, torch.zeros((1, 1), dtype=torch.uint8)
+
+    def describe(self) -> dict:
+        return {"view": "square-pad", **asdict(self), "padded_size": self.padded_size, "offset": self.offset}
