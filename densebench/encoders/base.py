@@ -20,6 +20,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def resolve_layer(layer: int, depth: int, name: str) -> int:
+    """The non-negative block index for ``layer`` (negative counts from the end), or a ConfigError."""
+    if not -depth <= layer < depth:
+        raise ConfigError(f"layer {layer} is out of range for {name}, which has {depth} blocks",
+                          hint=f"use -{depth}..{depth - 1} (-1 = last block)")
+    return layer % depth
+
+
 class DenseEncoder(nn.Module, abc.ABC):
     """Base class. Subclasses implement :meth:`_features` and set the attributes below.
 
