@@ -1,0 +1,124 @@
+"""CLI commands for leaderboards and reports: ``submit``, ``leaderboard show|compare`` and ``report``.
+
+``register(app)`` adds them to the main typer app (densebench/cli.py). User errors are raised as
+DenseBenchError subclasses; the app's ``main()`` prints them and exits with code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from . import leaderboard as lb
+from .errors import ConfigError, choices_message
+from .results import atomic_write_text
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    """Repeatable, comma-separated option values -> flat list (None when not given)."""
+    if not values:
+        return None
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def _emit(text: str, output: Path | None, console: Console) -> None:
+    if output is None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True, end="")
+        return
+    atomic_write_text(output, text)
+    Console(stderr=True).print(f"wrote [bold]{output}[/]")
+
+
+def submit(
+    results: Annotated[list[Path], typer.Argument(help="Result JSON files written by `densebench run`.")],
+    leaderboard: Annotated[Path, typer.Option("--leaderboard", "-l", help="Leaderboard JSON to add them to "
+                                              "(created if missing), e.g. leaderboards/dense-ssl.json.")],
+    allow_nonstandard: Annotated[bool, typer.Option("--allow-nonstandard", help="Accept results whose config "
+                                                    "differs from the benchmark's canonical one (or synthetic "
+                                                    "data); they are shown as non-standard.")] = False,
+    replace: Annotated[bool, typer.Option("--replace", help="Overwrite an entry with the same weights "
+                                          "fingerprint, benchmark and config.")] = False,
+) -> None:
+    """Validate results (schema, integrity hash, canonical config) and add them to a leaderboard atomically."""
+    done = lb.submit(results, leaderboard, allow_nonstandard=allow_nonstandard, replace=replace)
+    console = Console()
+    for s in done:
+        e = s.entry
+        mark = "" if e["standard"] else f" [yellow]non-standard: {'; '.join(e['nonstandard_reasons'])}[/]"
+        metrics = ", ".join(f"{k}={v:.2f}" for k, v in e["metrics"].items()
+                            if k in (lb.headline_metrics(e["benchmark"]) or e["metrics"]))
+        console.print(f"{s.action} {e['model']['name']} on {e['benchmark']} ({metrics}) from {s.result_path}{mark}",
+                      highlight=False)
+    console.print(f"[bold]{leaderboard}[/] now holds {len(lb.load_leaderboard(leaderboard)['entries'])} entries")
+
+
+def show(
+    file: Annotated[Path | None, typer.Argument(help="Leaderboard JSON (default: the shipped "
+                                                "dense-ssl.json).")] = None,
+    benchmark: Annotated[list[str] | None, typer.Option("--benchmark", "-b", help="Only these benchmarks "
+                                                        "(repeat or comma-separate).")] = None,
+    source: Annotated[str | None, typer.Option("--source", help="Only measured or only published "
+                                               "entries.")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, markdown, csv or html.")] = "table",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of "
+                                                "stdout.")] = None,
+) -> None:
+    """Models x benchmarks: a terminal table, Markdown, CSV, or a static sortable HTML page."""
+    if fmt not in lb.FORMATS:
+        raise ConfigError(choices_message("format", fmt, lb.FORMATS))
+    doc = lb.load_leaderboard(file or lb.default_leaderboard())
+    rendered = lb.render(doc, fmt, benchmarks=_split(benchmark), source=source)
+    console = Console()
+    if fmt == "table":
+        if output is not None:
+            raise ConfigError("--output needs --format markdown, csv or html", hint="or redirect the table")
+        console.print(rendered)
+    else:
+        _emit(rendered, output, console)
+
+
+def compare(
+    model_a: Annotated[str, typer.Argument(help="Model name or weights fingerprint (prefix): the baseline, A.")],
+    model_b: Annotated[str, typer.Argument(help="Model name or weights fingerprint (prefix): e.g. after "
+                                           "neco_train, B.")],
+    leaderboard: Annotated[Path | None, typer.Option("--leaderboard", "-l", help="Leaderboard JSON "
+                                                     "(default: the shipped dense-ssl.json).")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, markdown or csv.")] = "table",
+) -> None:
+    """Per-benchmark deltas B - A, pairing entries measured the same way when the board has them."""
+    doc = lb.load_leaderboard(leaderboard or lb.default_leaderboard())
+    rows = lb.compare_models(doc, model_a, model_b)
+    rendered = lb.render_comparison(rows, model_a, model_b, fmt)
+    console = Console()
+    if fmt == "table":
+        console.print(rendered)
+    else:
+        _emit(rendered, None, console)
+
+
+def report(
+    results: Annotated[list[Path], typer.Argument(help="Result JSON files written by `densebench run`.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for index.html and the PNG plots.")],
+) -> None:
+    """An HTML report with plots: bars per benchmark, in-context mIoU vs training fraction, saved pictures."""
+    from .report import write_report
+
+    summary = write_report(results, out)
+    console = Console()
+    console.print(f"report written to [bold]{summary.index}[/] ({len(summary.plots)} plots, "
+                  f"{summary.n_artifacts} saved pictures)")
+    for problem in summary.warnings:
+        console.print(f"[yellow]warning:[/] {problem}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``submit``, ``leaderboard show|compare`` and ``report`` to the densebench app."""
+    app.command("submit")(submit)
+    board = typer.Typer(help="Show leaderboards and compare models.", no_args_is_help=True)
+    board.command("show")(show)
+    board.command("compare")(compare)
+    app.add_typer(board, name="leaderboard")
+    app.command("report")(report)
