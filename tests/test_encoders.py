@@ -224,13 +224,15 @@ def test_meta_dino_full_checkpoint_and_neco_lightning_format(tmp_path):
     neco.update({f"teacher.{k}": torch.randn_like(v) for k, v in sd.items()})             # EMA copy: not evaluated
     neco.update({"model.head.mlp.0.weight": torch.randn(8, 384), "model.head.last_layer.weight": torch.randn(4, 8)})
     torch.save({"state_dict": neco}, tmp_path / "neco_model.ckpt")
+    plain_plus_ema = {**{k: v.clone() for k, v in sd.items()}, **{f"teacher.{k}": torch.randn_like(v) for k, v in sd.items()}}
+    torch.save(plain_plus_ema, tmp_path / "plain_plus_ema.pth")
     x = _images(32, 48)
     want = _feats(src, x)
     # no img_size: the 2x2 position grid in the file makes the loader build a 32 px model (not 224)
     encs = [load_encoder("timm:vit_small_patch16_224", weights=str(tmp_path / f), model_kwargs={"depth": 2})
-            for f in ("timm.safetensors", "dino_full.pth", "dino_backbone.pth", "neco_model.ckpt")]
+            for f in ("timm.safetensors", "dino_full.pth", "dino_backbone.pth", "neco_model.ckpt", "plain_plus_ema.pth")]
     # the registry name resamples position embeddings the DINO way by default, so compare with timm's here
-    encs.append(load_encoder("dino_vits16", weights=str(tmp_path / "dino_full.pth"), model_kwargs={"depth": 2},
+    encs.insert(4, load_encoder("dino_vits16", weights=str(tmp_path / "dino_full.pth"), model_kwargs={"depth": 2},
                              pos_interp="timm"))
     for enc in encs:
         assert enc.native_size == 32
@@ -242,6 +244,7 @@ def test_meta_dino_full_checkpoint_and_neco_lightning_format(tmp_path):
     assert encs[3].describe()["weights_prefix"] == "model."
     assert encs[3].describe()["weights_dropped_keys"] == 2    # NeCo's projection head inside model.
     assert encs[4].describe()["loader"] == "registry" and encs[4].describe()["method"] == "DINO"
+    assert json.loads(json.dumps(d))["weights_path"] == str(tmp_path / "dino_full.pth")   # result-record ready
     default = load_encoder("dino_vits16", weights=str(tmp_path / "dino_full.pth"), model_kwargs={"depth": 2})
     assert default.describe()["pos_interp"] == "meta-offset"
     native = _images(32, 32)
@@ -378,6 +381,33 @@ def test_cached_weights_are_found_offline(empty_caches):
     save_file(src.model.state_dict(), str(snap / "snapshots" / "abc" / "model.safetensors"))
     enc2 = load_encoder("timm:vit_small_patch16_224.dino", model_kwargs={"depth": 2})
     assert enc2.fingerprint == enc.fingerprint
+
+
+def test_download_when_online_goes_through_the_hub_cache(empty_caches, monkeypatch):
+    from densebench.encoders.weights import WeightSource, fetch
+    monkeypatch.delenv("DENSEBENCH_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    served = empty_caches / "served.pth"
+    torch.save({"w": torch.arange(3)}, served)
+    path = fetch(WeightSource("got.pth", served.as_uri()), what="test")
+    assert path == empty_caches / "torch" / "hub" / "checkpoints" / "got.pth"
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(3))
+    assert not list(path.parent.glob("*.part"))
+    with pytest.raises(ModelError, match="could not be downloaded.*missing.pth") as e:
+        fetch(WeightSource("never.pth", (empty_caches / "missing.pth").as_uri()), what="test")
+    assert "--weights" in str(e.value) and not (path.parent / "never.pth").exists()
+
+
+def test_load_weights_into_a_caller_built_model(tmp_path):
+    from densebench.encoders.convert import load_weights_into
+    src = load_encoder("random:vit_small_patch14_reg4_dinov2", model_kwargs=S14, seed=2)
+    _quantise_prefix(src.model)
+    torch.save(timm_to_meta_dinov2(src.model.state_dict(), reg=True), tmp_path / "meta.pth")
+    dst = load_encoder("random:vit_small_patch14_reg4_dinov2", model_kwargs=S14, seed=7).model
+    info = load_weights_into(dst, tmp_path / "meta.pth")
+    assert info.source_format == "meta-dinov2-reg"
+    for k, v in src.model.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
 
 
 def test_unknown_model_names_close_matches():
@@ -582,6 +612,7 @@ def test_pixels_deterministic_and_informative():
     dist = 1 - v @ v.T
     same = dist[0, 4]                                        # jittered colour, shifted phase: same class
     assert dist[0, 1] > 5 * same and dist[0, 2] > 5 * same and dist[0, 3] > 3 * same
+    assert json.loads(json.dumps(enc.describe()))["fingerprint"] == "pixels-v1:p16"
     flat = _feats(enc, _normalise(torch.full((1, 3, 32, 32), 0.5)))
     assert flat[..., 6:14].abs().max() < 1e-3               # no orientation signal in a flat patch
 

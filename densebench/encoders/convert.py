@@ -133,10 +133,10 @@ def strip_backbone_prefix(sd: dict[str, torch.Tensor], path: Path) -> tuple[dict
         sample = sorted(sd)[:8]
         raise ModelError(f"weights file {path} contains no ViT patch embedding (no key ending in {ANCHOR!r}); "
                          f"first keys: {sample}", hint="pass the backbone weights of a ViT")
-    prefix = prefixes[0]
-    if not prefix:
-        return sd, ""
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, prefix
+    prefix, others = prefixes[0], [p for p in prefixes[1:] if p.startswith(prefixes[0])]
+    # keys of the other backbones nested under the chosen prefix (e.g. "teacher." under "") are not ours
+    return {k[len(prefix):]: v for k, v in sd.items()
+            if k.startswith(prefix) and not any(k.startswith(o) for o in others)}, prefix
 
 
 _CHUNK = re.compile(r"^blocks\.(\d+)\.(\d+)\.")
@@ -195,6 +195,14 @@ def convert_for(loaded: LoadedWeights, model: nn.Module) -> LoadedWeights:
 def load_weights_file(path: str | Path, model: nn.Module) -> LoadedWeights:
     """Read, unwrap, strip and convert a weights file for ``model`` (does not load it yet)."""
     return convert_for(read_backbone(path), model)
+
+
+def load_weights_into(model: nn.Module, path: str | Path, *, arch: str | None = None) -> LoadedWeights:
+    """Convert ``path`` for ``model`` and load it strictly (for callers that build their own timm model,
+    e.g. neco_train). Returns what was loaded and how it was found."""
+    loaded = load_weights_file(path, model)
+    load_strict(model, loaded.state_dict, source=str(loaded.path), arch=arch or type(model).__name__)
+    return loaded
 
 
 def _describe_keys(keys: list[str], limit: int = 10) -> str:
