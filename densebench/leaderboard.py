@@ -710,9 +710,11 @@ def render(leaderboard: dict, fmt: str, *, benchmarks: Sequence[str] | None = No
 # Comparing two models
 
 def _fingerprint_matches(fp: str | None, query: str) -> bool:
+    """Full fingerprint, or a prefix of >= 6 characters, with or without the ``sha256:`` scheme."""
     if not fp or len(query) < 6:
         return False
-    return fp == query or short_fingerprint(fp).startswith(query.split(":", 1)[-1]) or fp.startswith(query)
+    bare = fp.split(":", 1)[1] if fp.startswith("sha256:") else fp
+    return fp.startswith(query) or bare.startswith(query)
 
 
 def model_entries(doc: dict, query: str) -> list[dict]:

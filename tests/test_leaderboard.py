@@ -508,6 +508,10 @@ def test_compare_model_lookup_errors_and_fingerprints(toy, tmp_path):
     prefix_a, prefix_b = lb.short_fingerprint(fingerprint("x1"))[:8], lb.short_fingerprint(fingerprint("y2"))[:8]
     rows = lb.compare_models(doc, prefix_a, prefix_b)
     assert rows[0]["delta"] == 0.0 and rows[0]["same_protocol"]
+    full_a, bare_b = fingerprint("x1"), fingerprint("y2").split(":", 1)[1]
+    assert lb.compare_models(doc, full_a, bare_b) == rows
+    with pytest.raises(ResultError, match="no leaderboard entry"):
+        lb.compare_models(doc, prefix_a[:5], prefix_b)          # too short to be a fingerprint prefix
 
 
 # ---------------------------------------------------------------------------------------------------
