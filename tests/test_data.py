@@ -314,3 +314,17 @@ def test_prepare_instructions_name_archives_and_layout():
     assert "panoptic2semantic_segmentation.py" in coco and "densebench data prepare coco" in coco
     assert "219e1696abb36c8ba3a3afe7fb2f4b4606a897c7" in prepare_instructions("ade20k")
     assert "SPair-71k.tar.gz" in prepare_instructions("spair")
+
+
+def test_fraction_lists_of_a_synthetic_suite(tiny_src):
+    """On a synthetic suite the fraction lists are the suite's own (the published ids do not exist there)."""
+    for family, split in (("voc", "trainaug"), ("ade20k", "training")):
+        train = set(open_dataset(family, tiny_src, split).ids)
+        lists = {f: read_id_list(fraction_list(family, f, 400, data_root=tiny_src)) for f in (8, 64, 128)}
+        assert set(lists[128]) <= set(lists[64]) <= set(lists[8]) <= train
+        assert len(lists[8]) == max(1, round(len(train) / 8)) and len(lists[128]) == 1
+        ds = open_dataset(family, tiny_src, split, id_list=fraction_list(family, 8, 400, data_root=tiny_src))
+        assert ds.ids == lists[8]
+        assert fraction_list(family, 8, 42, data_root=tiny_src) != fraction_list(family, 8, 400, data_root=tiny_src)
+    # without a synthetic manifest the shipped list is returned
+    assert fraction_list("voc", 8, 42) == shipped("voc", "1_div_8", "trainaug_8_42.txt")

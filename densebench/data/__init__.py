@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import DataError, choices_message
 from .ade20k import open_ade20k
-from .base import SegmentationDataset
+from .base import SegmentationDataset, read_manifest
 from .coco import open_coco
 from .ids import IdList, shipped_path
 from .spair import open_spair
@@ -109,8 +109,13 @@ def splits(family: str) -> tuple[str, str]:
     return _SPLITS[check_family(family)]
 
 
-def fraction_list(family: str, fraction: int, seed: int) -> Path:
-    """The shipped Hummingbird 1/``fraction`` training list for ``seed`` (VOC and ADE20K; 128, 64 or 8)."""
+def fraction_list(family: str, fraction: int, seed: int, *, data_root: str | os.PathLike | None = None) -> Path:
+    """The Hummingbird 1/``fraction`` training list for ``seed`` (VOC and ADE20K; 128, 64 or 8).
+
+    Real datasets use the lists shipped verbatim from open-hummingbird-eval. When ``data_root`` holds a
+    synthetic suite (its root has a synthetic manifest), the suite's own seeded, nested miniature lists are
+    returned instead, since the published ids do not exist there.
+    """
     if family not in FRACTIONS:
         raise DataError(f"no shipped fraction lists for {family!r}; they exist for: {', '.join(FRACTIONS)}")
     prefix, counts = FRACTIONS[family]
@@ -118,6 +123,16 @@ def fraction_list(family: str, fraction: int, seed: int) -> Path:
         raise DataError(choices_message("training fraction 1/N for " + family, fraction, counts))
     if seed not in FRACTION_SEEDS:
         raise DataError(choices_message("fraction-list seed", seed, FRACTION_SEEDS))
+    if data_root is not None:
+        root = find_root(family, data_root)
+        manifest = read_manifest(root)
+        if manifest and manifest.get("synthetic"):
+            rel = manifest.get("fractions", {}).get(str(fraction), {}).get(str(seed))
+            path = root / rel if rel else root
+            if not rel or not path.is_file():
+                raise DataError(f"the synthetic suite at {root} has no 1/{fraction} list for seed {seed}",
+                                hint="regenerate it with `densebench synth`")
+            return path
     path = shipped_path(family, f"1_div_{fraction}", f"{prefix}_{fraction}_{seed}.txt")
     if not path.is_file():
         raise DataError(f"shipped fraction list {path} is missing from the installation",

@@ -31,7 +31,7 @@ from .spair import categories as spair_categories
 from .voc import voc_palette
 
 #: Bump when the generated content changes: ensure_synthetic_suite keys its cache folder on it.
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2
 
 SCALES: dict[str, dict] = {
     "default": {"voc": {"trainaug": 48, "val": 24}, "ade20k": {"training": 48, "validation": 24},
@@ -263,6 +263,27 @@ def _cycle(split_seed: np.random.Generator, n_classes: int, n: int) -> list[int]
     return out[:n]
 
 
+#: Folder (under a synthetic root) holding the miniature analogues of the Hummingbird fraction lists.
+FRACTION_DIR = "densebench_fractions"
+
+
+def _write_fractions(root: Path, prefix: str, train_ids: list[str]) -> dict:
+    """Seeded 1/8, 1/64, 1/128 lists of the training split, nested like the published ones (at least one id).
+
+    Returns {fraction: {seed: path relative to root}} for the manifest.
+    """
+    from . import FRACTION_SEEDS, FRACTIONS
+
+    out: dict = {}
+    for seed in FRACTION_SEEDS:
+        order = [train_ids[i] for i in np.random.default_rng(seed).permutation(len(train_ids))]
+        for frac in FRACTIONS["voc"][1]:
+            rel = Path(FRACTION_DIR) / f"1_div_{frac}" / f"{prefix}_{frac}_{seed}.txt"
+            _ids_file(root / rel, order[: max(1, round(len(train_ids) / frac))])
+            out.setdefault(str(frac), {})[str(seed)] = str(rel)
+    return out
+
+
 def _write_manifest(root: Path, splits: dict, hists: dict, extra: dict | None = None) -> None:
     data = {"synthetic": True, "generator": "densebench.data.synth", "version": SYNTH_VERSION,
             "splits": splits, "counts": {s: len(ids) for s, ids in splits.items()}, "label_histograms": hists}
@@ -319,7 +340,8 @@ def _write_voc(out: Path, scale: dict, rng: np.random.Generator) -> dict:
     hists["train"] = train_hist
     for split, ids in splits.items():
         _ids_file(root / "sets" / f"{split}.txt", ids)
-    _write_manifest(root, splits, {"voc": hists})
+    fractions = _write_fractions(root, "trainaug", splits["trainaug"])
+    _write_manifest(root, splits, {"voc": hists}, {"fractions": fractions})
     return {s: len(v) for s, v in splits.items()}
 
 
@@ -355,7 +377,8 @@ def _write_ade20k(out: Path, scale: dict, rng: np.random.Generator) -> dict:
         splits[split], hists[split] = ids, hist
     (root / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n" + "".join(
         f"{c}\t0\t0\t0\tsynthetic class {c}\n" for c in used))
-    _write_manifest(root, splits, {"ade20k": hists}, {"classes_used": used})
+    fractions = _write_fractions(root, "training", splits["training"])
+    _write_manifest(root, splits, {"ade20k": hists}, {"classes_used": used, "fractions": fractions})
     return {s: len(v) for s, v in splits.items()}
 
 
