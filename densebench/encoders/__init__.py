@@ -26,7 +26,7 @@ import torch
 from ..errors import ConfigError, ModelError
 from .base import DenseEncoder
 from .convert import convert_for, fingerprint_state_dict, load_strict, read_backbone
-from .registry import REGISTRY, RegistryEntry, get_entry
+from .registry import REGISTRY, RegistryEntry, unknown_model_error
 from .timm_encoder import POS_INTERP, TimmEncoder, check_arch, create_timm_vit, grid_from_pos_embed
 from .weights import WeightSource, fetch
 
@@ -45,7 +45,7 @@ def _identity_kwargs(model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (model_kwargs or {}).items() if k not in _NON_IDENTITY_KWARGS}
 
 
-def load_encoder(model: str, *, weights: str | None = None, layer: int = -1, norm: bool = True, seed: int = 0,
+def load_encoder(model: str, *, weights: str | Path | None = None, layer: int = -1, norm: bool = True, seed: int = 0,
                  model_kwargs: dict[str, Any] | None = None, pos_interp: str | None = None) -> DenseEncoder:
     """Build the encoder named by ``model`` (see module docstring), in eval mode on the CPU.
 
@@ -94,11 +94,10 @@ def load_encoder(model: str, *, weights: str | None = None, layer: int = -1, nor
     from .plugin import is_plugin_spec, load_plugin
     if is_plugin_spec(model):
         return load_plugin(model, weights=weights, model_kwargs=model_kwargs, **common)
-    get_entry(model)  # raises the "unknown model" error with close matches
-    raise AssertionError("unreachable")
+    raise unknown_model_error(model)
 
 
-def _no_weights(model: str, weights: str | None) -> None:
+def _no_weights(model: str, weights: str | Path | None) -> None:
     if weights:
         raise ConfigError(f"--weights does not apply to {model}",
                           hint="use timm:<arch> --weights PATH (or a registry name) to load a weights file")
@@ -155,7 +154,7 @@ def _timm_pretrained_source(arch: str) -> WeightSource:
     return WeightSource(filename, url, hf_repo=hub, hf_filename=(cfg.hf_hub_filename or "model.safetensors") if hub else None)
 
 
-def _load_timm(arch: str, *, weights: str | None, model_kwargs: dict[str, Any] | None, pos_interp: str,
+def _load_timm(arch: str, *, weights: str | Path | None, model_kwargs: dict[str, Any] | None, pos_interp: str,
                layer: int, norm: bool) -> TimmEncoder:
     if not arch:
         raise ConfigError("timm: needs an architecture name, e.g. timm:vit_small_patch14_dinov2.lvd142m")
@@ -165,7 +164,7 @@ def _load_timm(arch: str, *, weights: str | None, model_kwargs: dict[str, Any] |
                                model_kwargs=model_kwargs, pos_interp=pos_interp)
 
 
-def _load_registry(entry: RegistryEntry, *, weights: str | None, model_kwargs: dict[str, Any] | None,
+def _load_registry(entry: RegistryEntry, *, weights: str | Path | None, model_kwargs: dict[str, Any] | None,
                    pos_interp: str | None, layer: int, norm: bool) -> TimmEncoder:
     path = weights or fetch(entry.source, what=entry.name)
     return _build_with_weights(entry.arch, path, name=entry.name, loader="registry", layer=layer, norm=norm,

@@ -143,7 +143,7 @@ class ModuleEncoder(DenseEncoder):
         return d
 
 
-def load_plugin(spec: str, *, weights: str | None, layer: int, norm: bool,
+def load_plugin(spec: str, *, weights: str | Path | None, layer: int, norm: bool,
                 model_kwargs: dict[str, Any] | None = None) -> DenseEncoder:
     """Call the plugin factory and wrap what it returns (see module docstring: this runs user code)."""
     factory = resolve_factory(spec)

@@ -140,12 +140,13 @@ def get_entry(name: str) -> RegistryEntry:
     """The registry entry ``name``, or a ModelError listing close matches."""
     if name in REGISTRY:
         return REGISTRY[name]
-    raise ModelError(unknown_model_message(name),
-                     hint="run `densebench list models`, or use timm:<arch>, hf:<repo>, random:<arch>, pixels, "
-                          "neco:<checkpoint> or pkg.module:factory")
+    raise unknown_model_error(name)
 
 
-def unknown_model_message(name: str) -> str:
+def unknown_model_error(name: str) -> ModelError:
+    """The "unknown model" error: close registry/built-in names and where to look."""
     from . import BUILTIN_NAMES
     close = difflib.get_close_matches(name, list(REGISTRY) + list(BUILTIN_NAMES), n=5, cutoff=0.5)
-    return f"unknown model {name!r}" + (f"; did you mean: {', '.join(close)}?" if close else "")
+    return ModelError(f"unknown model {name!r}" + (f"; did you mean: {', '.join(close)}?" if close else ""),
+                      hint="run `densebench list models`, or use timm:<arch>, hf:<repo>, random:<arch>, pixels, "
+                           "neco:<checkpoint> or pkg.module:factory")
