@@ -9,10 +9,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from densebench.data import (FAMILIES, FRACTION_SEEDS, available, find_root, fraction_list, open_dataset,
-                             splits)
-from densebench.data.coco import (diagnose_thing_values, read_categories, stuff_lut, thing_supercategories,
-                                  things_lut, write_coco_split_lists)
+from densebench.data import (
+    FAMILIES,
+    FRACTION_SEEDS,
+    available,
+    find_root,
+    fraction_list,
+    open_dataset,
+    splits,
+)
+from densebench.data.coco import (
+    diagnose_thing_values,
+    read_categories,
+    stuff_lut,
+    thing_supercategories,
+    things_lut,
+    write_coco_split_lists,
+)
 from densebench.data.synth import write_synthetic_suite
 from densebench.data.verify import prepare_instructions, verify
 from densebench.errors import DataError
@@ -152,7 +165,7 @@ def test_coco_reader_maps_raw_masks_like_the_category_json(tiny_src):
         for i in range(len(ds)):
             id_, _, mask = ds[i]
             raw = np.array(Image.open(tiny_src / "coco" / "annotations" / sub / f"{id_}.png"))
-            want = np.vectorize(lambda v: names.index(sup[v]) if sup.get(v, "other") != "other" else 255)(raw)
+            want = np.vectorize(lambda v, n=names, s=sup: n.index(s[v]) if s.get(v, "other") != "other" else 255)(raw)
             np.testing.assert_array_equal(mask, want)
 
 
@@ -188,7 +201,7 @@ def test_diagnosis_separates_panoptic_ids_from_shifted_ones():
 
 def test_write_coco_split_lists_is_a_seeded_ten_percent(tiny):
     (tiny / "coco" / "densebench_manifest.json").unlink()
-    with pytest.raises(DataError, match="densebench data prepare coco"):
+    with pytest.raises(DataError, match="densebench data prepare coco-things --root"):
         open_dataset("coco-things", tiny, "val")
     for i in range(44):   # 50 train images in all
         Image.new("RGB", (8, 8)).save(tiny / "coco" / "images" / "train2017" / f"{900000 + i:012d}.jpg")
@@ -261,7 +274,7 @@ def test_spair_missing_fields_and_out_of_image_keypoints(tiny):
     del data["trg_bndbox"]
     first.write_text(json.dumps(data))
     with pytest.raises(DataError) as e:
-        open_dataset("spair", tiny, "test").pairs
+        _ = open_dataset("spair", tiny, "test").pairs
     assert str(first) in str(e.value) and "trg_bndbox" in str(e.value)
 
 
@@ -311,7 +324,7 @@ def test_prepare_instructions_name_archives_and_layout():
     assert "VOCtrainval_11-May-2012.tar" in voc and "6cd6e144f989b92b3379bac3b3de84fd" in voc
     assert "SegmentationClassAug" in voc and "benchmark.tgz" in voc
     coco = prepare_instructions("coco-things")
-    assert "panoptic2semantic_segmentation.py" in coco and "densebench data prepare coco" in coco
+    assert "panoptic2semantic_segmentation.py" in coco and "densebench data prepare coco-things --root coco" in coco
     assert "219e1696abb36c8ba3a3afe7fb2f4b4606a897c7" in prepare_instructions("ade20k")
     assert "SPair-71k.tar.gz" in prepare_instructions("spair")
 

@@ -126,6 +126,7 @@ def test_spair_keypoints_follow_the_recorded_warps(synth_root):
             assert (mask[pts[:, 1], pts[:, 0]] > 0).all()
             x1, y1, x2, y2 = p[f"{side}_bbox"]
             assert (pts[:, 0] >= x1 - 1).all() and (pts[:, 0] <= x2 + 1).all()
+            assert (pts[:, 1] >= y1 - 1).all() and (pts[:, 1] <= y2 + 1).all()
         checked += int(both.sum())
     assert checked > 100
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..paths import read_id_list
 from .base import SegmentationDataset
 from .ids import IdList, resolve_ids, shipped_path
 

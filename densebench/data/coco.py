@@ -32,7 +32,7 @@ from .ids import IdList, resolve_ids, shipped_path
 
 ROOT_NAME = "coco"
 IGNORE_INDEX = 255
-#: Folder (under the COCO root) where `densebench data prepare coco` writes the split lists.
+#: Folder (under the COCO root) where `densebench data prepare coco-things --root DIR` writes the split lists.
 SPLIT_DIR = "densebench_splits"
 #: The Leopart/NeCo COCO train split is a 10% subset of train2017; ours is drawn with this seed (see
 #: write_coco_split_lists) instead of depending on directory order.
@@ -163,7 +163,7 @@ class COCODataset(SegmentationDataset):
         valid = self.extra["valid_raw"]
         bad = ~valid[raw]
         if bad.any():
-            values, counts = np.unique(raw[bad], return_counts=True)
+            values = np.unique(raw[bad])
             if self.name == "coco-things":
                 all_v, all_n = np.unique(raw, return_counts=True)
                 why = diagnose_thing_values(dict(zip(all_v.tolist(), all_n.tolist())), self.extra["categories"])
@@ -205,7 +205,7 @@ def open_coco(family: str, root: Path, split: str, *, id_list: IdList = None) ->
     candidates = [root / SPLIT_DIR / f"{split}.txt", shipped_path("coco", f"{split}.txt")]
     ids, source, synthetic = resolve_ids(
         root, family, split, id_list, candidates,
-        hint=f"run `densebench data prepare coco --root {root}` to write the COCO split lists "
+        hint=f"run `densebench data prepare coco-things --root {root}` to write the COCO split lists "
              f"(train = seeded {TRAIN_FRACTION:.0%} subset of train2017, val = all of val2017)")
     image_dir = _first_existing(image_dir_candidates(root, split)) or image_dir_candidates(root, split)[0]
     things = family == "coco-things"

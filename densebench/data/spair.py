@@ -52,7 +52,7 @@ def _read_json(path: Path, what: str) -> dict:
 
 def parse_pair_name(name: str) -> tuple[str, str, str, str]:
     """``'000001-2008_000585-2008_002221:aeroplane'`` → (pair_id, src, trg, category)."""
-    stem = name[:-5] if name.endswith(".json") else name
+    stem = name.removesuffix(".json")
     try:
         ids, cat = stem.rsplit(":", 1)
         pair_id, rest = ids.split("-", 1)
@@ -161,7 +161,7 @@ class SPairDataset(SegmentationDataset):
                                 hint="re-extract SPair-71k.tar.gz; every pair JSON has them")
             pair_id, src, trg, cat = parse_pair_name(pair.get("filename", name))
             src, trg = pair.get("src_imname", src), pair.get("trg_imname", trg)
-            src, trg = (s[:-4] if s.endswith(".jpg") else s for s in (src, trg))
+            src, trg = (s.removesuffix(".jpg") for s in (src, trg))
             cat = pair["category"]
             src_id, trg_id = f"{cat}/{src}", f"{cat}/{trg}"
             src_size, trg_size = self._size(src_id, pair, "src"), self._size(trg_id, pair, "trg")

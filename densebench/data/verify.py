@@ -70,7 +70,7 @@ def _check_image(path: Path) -> tuple[tuple[int, int] | None, Problem | None]:
         with Image.open(path) as im:
             im.load()
             return im.size, None
-    except Exception as e:  # PIL raises many exception types for broken files
+    except Exception as e:  # noqa: BLE001 - PIL raises many exception types for broken files
         return None, _problem(path, f"image cannot be decoded ({type(e).__name__}: {e})")
 
 
@@ -215,7 +215,7 @@ Steps:
   unzip stuff_annotations_trainval2017.zip -d coco/annotations/stuff_annotations
   (cd coco/annotations/stuff_annotations && mv annotations/* . 2>/dev/null; \\
    unzip stuff_train2017_pixelmaps.zip && unzip stuff_val2017_pixelmaps.zip)
-  densebench data prepare coco --root coco     # writes coco/{split_dir}/{{train,val}}.txt:
+  densebench data prepare coco-things --root coco   # writes coco/{split_dir}/{{train,val}}.txt:
                                                # val = all val2017 ids, train = seeded 10% of train2017
   densebench data verify coco-things --root coco && densebench data verify coco-stuff --root coco""",
     "spair": """Target layout (the official archive as extracted):
