@@ -45,8 +45,9 @@ def _identity_kwargs(model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (model_kwargs or {}).items() if k not in _NON_IDENTITY_KWARGS}
 
 
-def load_encoder(model: str, *, weights: str | Path | None = None, layer: int = -1, norm: bool = True, seed: int = 0,
-                 model_kwargs: dict[str, Any] | None = None, pos_interp: str | None = None) -> DenseEncoder:
+def load_encoder(model: str, *, weights: str | Path | None = None, layer: int = -1, norm: bool = True,
+                 seed: int = 0, model_kwargs: dict[str, Any] | None = None,
+                 pos_interp: str | None = None) -> DenseEncoder:
     """Build the encoder named by ``model`` (see module docstring), in eval mode on the CPU.
 
     Args:
