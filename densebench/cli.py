@@ -171,9 +171,9 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="Print JSON."
         out.print_json(json.dumps(models, default=str))
         return
     table = Table(title="models (plus timm:<arch>, hf:<repo>, random:<arch>, pixels, neco:<ckpt>, pkg.mod:factory)")
-    keys = ["name", "arch", "patch_size", "native_size", "source", "offline"]
+    keys = ["name", "arch", "patch_size", "native_size", "offline", "source"]
     for k in keys:
-        table.add_column(k)
+        table.add_column(k, no_wrap=k in ("name", "arch"), overflow="ellipsis" if k == "source" else "fold")
     for m in models:
         table.add_row(*[str(m.get(k, "")) for k in keys])
     out.print(table)
@@ -233,7 +233,10 @@ def data_verify(name: str = typer.Argument(..., help="voc, ade20k, coco-things, 
     base = data_home(root)
     if base is None:
         raise ConfigError("no dataset folder given", hint="pass --root DIR or set $DENSEBENCH_DATA")
-    problems = verify(name, base)
+    from .progress import progress_bar
+
+    with progress_bar(f"verifying {name}", total=None) as advance:
+        problems = verify(name, base, progress=lambda done, total, path: advance(1, total=total))
     if not problems:
         out.print(f"[green]{name}: no problems found under {base}[/]")
         return
@@ -247,14 +250,31 @@ def data_verify(name: str = typer.Argument(..., help="voc, ade20k, coco-things, 
 
 
 @data_app.command("prepare")
-def data_prepare(name: str = typer.Argument(..., help="voc, ade20k, coco-things, coco-stuff or spair")) -> None:
-    """Print the official archives (URLs, checksums) and the steps that build the expected layout."""
-    from .data import FAMILIES
+def data_prepare(name: str = typer.Argument(..., help="voc, ade20k, coco-things, coco-stuff or spair"),
+                 root: Optional[str] = typer.Option(None, "--root", help="For COCO: the COCO root (or data home) "
+                                                    "whose train2017/val2017 folders define the split lists.")) -> None:
+    """Print the official archives (URLs, checksums) and the steps that build the expected layout.
+
+    For coco-things / coco-stuff with --root, also write the split lists densebench reads
+    (val = all of val2017, train = the fixed, seeded 10 % of train2017) into <coco root>/densebench_splits/.
+    """
+    from .data import FAMILIES, find_root
     from .data.verify import prepare_instructions
 
     if name not in FAMILIES:
         raise ConfigError(choices_message("dataset", name, FAMILIES))
-    out.print(prepare_instructions(name), markup=False, highlight=False)
+    if root is None:
+        out.print(prepare_instructions(name), markup=False, highlight=False)
+        return
+    if not name.startswith("coco"):
+        raise ConfigError(f"--root is only used by the COCO families; {name} needs no preparation step here",
+                          hint=f"run `densebench data verify {name} --root {root}` to check the folder")
+    from .data.coco import write_coco_split_lists
+
+    written = write_coco_split_lists(find_root(name, Path(root)))
+    for split, path in written.items():
+        n = len(path.read_text().split())
+        out.print(f"wrote {split} list ({n} ids): {path}")
 
 
 @app.command()

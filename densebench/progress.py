@@ -13,11 +13,17 @@ console = Console(stderr=True)
 
 @contextlib.contextmanager
 def progress_bar(desc: str, total: int | None, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; draws a bar on stderr when enabled."""
+    """Yield ``advance(n=1, total=None)`` (``total`` re-sizes the bar); draws on stderr when enabled."""
     if not enabled:
-        yield lambda n=1: None
+        yield lambda n=1, total=None: None
         return
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
         task = bar.add_task(desc, total=total)
-        yield lambda n=1: bar.advance(task, n)
+
+        def advance(n: int = 1, total: int | None = None) -> None:
+            if total is not None:
+                bar.update(task, total=total)
+            bar.advance(task, n)
+
+        yield advance

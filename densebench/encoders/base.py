@@ -28,6 +28,11 @@ def resolve_layer(layer: int, depth: int, name: str) -> int:
     return layer % depth
 
 
+def incontext_input_size(patch_size: int) -> int:
+    """The in-context input size of the published runs: 504 for /14 models, 512 for /16 and /8, else 32 patches."""
+    return {14: 504, 16: 512, 8: 512}.get(patch_size, 32 * patch_size)
+
+
 class DenseEncoder(nn.Module, abc.ABC):
     """Base class. Subclasses implement :meth:`_features` and set the attributes below.
 
@@ -91,8 +96,8 @@ class DenseEncoder(nn.Module, abc.ABC):
         }
 
     def default_input_size(self) -> int:
-        """Published evaluation size for in-context retrieval: 504 for /14 models, 512 for /16, else 32 patches."""
-        return {14: 504, 16: 512, 8: 512}.get(self.patch_size, 32 * self.patch_size)
+        """Published evaluation size for in-context retrieval (see :func:`incontext_input_size`)."""
+        return incontext_input_size(self.patch_size)
 
     def describe(self) -> dict[str, Any]:
         """The model block recorded in every result."""

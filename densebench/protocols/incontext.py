@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import open_dataset, fraction_list, splits as dataset_splits
+from ..encoders.base import incontext_input_size
 from ..errors import ConfigError, choices_message
 from ..features import ExtractionStats, FeatureCache, extract
 from ..metrics import ConfusionMatrix, segmentation_scores
@@ -70,6 +71,20 @@ class Config:
             raise ConfigError("give either --train-list or --train-fraction, not both")
         if self.input_size is not None and self.input_size < 1:
             raise ConfigError(f"--input-size must be positive, got {self.input_size}")
+
+
+def resolve_input_size(input_size: int | None, patch_size: int) -> int:
+    """The published input size when none is given: 504 for /14 models, 512 for /16 (and /8)."""
+    return input_size if input_size is not None else incontext_input_size(patch_size)
+
+
+def resolve_canonical(config: dict, model: dict) -> dict:
+    """The canonical config as a result for ``model`` records it (for leaderboard comparisons)."""
+    config = dict(config)
+    config["input_size"] = resolve_input_size(config.get("input_size"), int(model["patch_size"]))
+    if config.get("backend") in ("auto", "torch", "faiss"):
+        config["backend"] = "exact"
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,7 +186,7 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
     """Evaluate ``encoder`` with the in-context retrieval protocol; returns a validated result record."""
     config.validate()
     t_start = time.perf_counter()
-    input_size = config.input_size or encoder.default_input_size()
+    input_size = resolve_input_size(config.input_size, encoder.patch_size)
     p = encoder.patch_size
     if input_size % p:
         raise ConfigError(f"--input-size {input_size} is not a multiple of the patch size {p} of {encoder.name}",
@@ -223,7 +238,7 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
     with progress_bar("retrieval", total=n_val, enabled=progress) as advance:
         for start in range(0, n_val, chunk):
             stop = min(n_val, start + chunk)
-            feats = torch.from_numpy(np.asarray(q["features"][start:stop])).to(dev).float()
+            feats = torch.from_numpy(np.array(q["features"][start:stop], dtype=np.float32)).to(dev)
             b = feats.shape[0]
             queries = F.normalize(feats.reshape(-1, feats.shape[-1]), dim=-1)
             sims, idx = index.search(queries, k)
@@ -233,7 +248,7 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
             scores = scores.view(b, s, s, C).permute(0, 3, 1, 2)
             scores = F.interpolate(scores, size=(input_size, input_size), mode="bilinear", align_corners=False)
             pred = scores.argmax(1)
-            gt = torch.from_numpy(np.asarray(q["masks"][start:stop])).to(dev)
+            gt = torch.from_numpy(np.array(q["masks"][start:stop])).to(dev)
             conf.update(pred, gt)
             advance(b)
     t_done = time.perf_counter()
@@ -257,6 +272,8 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
                                 + (" (151 incl. ignored class 0, as published)" if config.dataset == "ade20k" else ""),
                         "miou_150": "ADE20K mean over the 150 real classes" if config.dataset == "ade20k" else None})
     resolved["retrieval"] = index.describe()
+    # Exact backends give the same neighbours; only an approximate index changes what is measured.
+    resolved["backend"] = "exact" if resolved["retrieval"].get("exact") else config.backend
     timings = {"extraction_s": stats.extraction_s, "forward_s": stats.forward_s,
                "protocol_s": t_done - t_extracted, "total_s": time.perf_counter() - t_start}
     return make_result(
