@@ -1,0 +1,173 @@
+"""The ``neco_train`` command line. Every :class:`TrainConfig` field is an option (``--lr-head 1e-4``).
+
+    neco_train --data /data/coco --model dinov2_vits14_reg --output runs/neco
+    torchrun --nproc_per_node 4 -m neco_train --data /data/coco ...
+    neco_train --data DIR --dry-run                 # time a few steps, print the projected epoch time
+    neco_train --data DIR --bench voc-incontext,coco-things-linear --bench-data-root /data
+
+User errors (DenseBenchError) print one message with its fix and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from typing import Any
+
+from densebench.errors import ConfigError, DenseBenchError
+
+from .trainer import TrainConfig
+
+HELP = {
+    "model": "base encoder: a densebench registry name, timm:<arch>, random:<arch> or neco:<checkpoint>",
+    "weights": "weights file for the base model (timm, Meta or NeCo format), as densebench --weights",
+    "model_kwargs": "extra timm.create_model kwargs as JSON, e.g. '{\"depth\": 2}'",
+    "pos_interp": "position-embedding resampling at other sizes: meta-offset (NeCo's training code) or timm",
+    "data": "training images: COCO (train2017/), an ImageNet-style tree, or any folder of images",
+    "output": "run folder: checkpoints, train_state.pt, log.jsonl",
+    "batch_size": "images per process per step (the reference: 64 on one GPU)",
+    "global_size": "global crop size (default 518 for /14 models, 224 for /16)",
+    "references": "queue (teacher patch FIFO, the released configs) or batch (shuffled aligned teacher patches)",
+    "queue_scope": "global: one queue, identical on all processes; process: one per process (the reference)",
+    "queue_sampling": "uniform over filled rows, or legacy (randperm(length) %% entries, the reference)",
+    "log_floor": "floor P at the smallest float32 inside log (off = the reference's plain log)",
+    "teacher_head": "copy: teacher head starts as the student's; independent: a separate random init (reference)",
+    "ema": "after (default) or before (reference: the teacher lags one update) the optimizer step",
+    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32; sorting and log stay fp32",
+    "compile": "torch.compile the student",
+    "workers": "data-loading processes per training process",
+    "max_steps": "stop after this many steps (the schedules still span all epochs)",
+    "save_every": "also checkpoint every N steps (0: at the end of each epoch and of the run)",
+    "resume": "run folder or train_state.pt to continue from (must match this configuration)",
+}
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return annotation, False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neco_train", description="NeCo post-training of a ViT (densebench).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        base, optional = _base_type(hints[f.name])
+        default = getattr(defaults, f.name)
+        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": HELP.get(f.name, " ")}
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(base) is tuple:
+            parser.add_argument(flag, type=float, nargs=2, metavar=("LOW", "HIGH"), **kw)
+        elif typing.get_origin(base) is dict or base is dict:
+            parser.add_argument(flag, type=_json_object, metavar="JSON", **kw)
+        elif optional and base is int:
+            parser.add_argument(flag, type=_optional_int, **kw)
+        else:
+            parser.add_argument(flag, type=base, **kw)
+    parser.add_argument("--dry-run", nargs="?", type=int, const=3, default=None, metavar="STEPS",
+                        help="time STEPS steps (after one warm-up step), print the projected time per epoch, "
+                             "write nothing")
+    parser.add_argument("--bench", default=None, metavar="NAMES",
+                        help="after training, run these densebench benchmarks (comma-separated) on the base and "
+                             "the trained model and print a before/after table")
+    parser.add_argument("--bench-data-root", default=None, help="densebench data root (default $DENSEBENCH_DATA)")
+    parser.add_argument("--bench-device", default=None, help="device for the benchmarks (default: the training one)")
+    parser.add_argument("--bench-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="protocol option for the benchmarks, e.g. input_size=224 (repeatable)")
+    return parser
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.strip().lower() in ("none", "all", "") else int(text)
+
+
+def _bench_options(items: list[str]) -> dict[str, str]:
+    options = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--bench-option {item!r} is not KEY=VALUE", hint="e.g. --bench-option input_size=224")
+        options[key.strip().replace("-", "_")] = value.strip()
+    return options
+
+
+def run_cli(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse, train (or dry-run), optionally benchmark; returns a summary (used by tests)."""
+    args = build_parser().parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    for name in ("global_scale", "local_scale"):
+        values[name] = tuple(values[name])
+    cfg = TrainConfig(**values)
+    bench_names = [b.strip() for b in (args.bench or "").split(",") if b.strip()]
+    bench_options = _bench_options(args.bench_option)
+    if bench_names:  # fail on a bad benchmark name or data root before hours of training
+        from .evaluation import check_bench
+
+        check_bench(bench_names, args.bench_data_root)
+
+    from .distributed import init_distributed
+    from .trainer import Trainer
+
+    dist = init_distributed(cfg.device)
+    try:
+        trainer = Trainer(cfg, dist)
+        if args.dry_run is not None:
+            summary = trainer.dry_run(max(1, args.dry_run))
+            if dist.is_main:
+                _print_dry_run(summary)
+            return {"dry_run": summary}
+        summary = trainer.fit()
+        if dist.is_main:
+            print(f"neco_train: {summary['steps']} steps; checkpoint {summary['checkpoint']}", file=sys.stderr)
+            if summary["skipped_images"]:
+                print(f"neco_train: {summary['skipped_images']} unreadable images were skipped", file=sys.stderr)
+        if bench_names and dist.is_main:
+            from .evaluation import before_after
+
+            summary["bench"] = before_after(
+                trainer.base, trainer.last_checkpoint, bench_names, data_root=args.bench_data_root,
+                device=args.bench_device or str(trainer.device), output=trainer.out / "bench",
+                options=bench_options, progress=cfg.progress)
+        dist.barrier()
+        return summary
+    finally:
+        dist.close()
+
+
+def _print_dry_run(s: dict[str, Any]) -> None:
+    def hms(seconds: float) -> str:
+        seconds = int(round(seconds))
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+    print(f"dry run on {s['device']}: {s['seconds_per_step']:.3f} s/step over {s['measured_steps']} steps "
+          f"(global batch {s['global_batch']}, {s['images_per_s']:.1f} img/s)")
+    print(f"projected: {hms(s['seconds_per_epoch'])} per epoch ({s['steps_per_epoch']} steps), "
+          f"{hms(s['seconds_total'])} for the whole run")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run_cli(argv)
+    except DenseBenchError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"fix: {e.hint}", file=sys.stderr)
+        sys.exit(e.exit_code)
