@@ -3,11 +3,13 @@
 The overclustering protocol (spec protocols.md §5) clusters *all* val tokens at once, which on COCO is
 5M x D. The reference holds the whole float32 matrix, fits sklearn's StandardScaler in 100k chunks,
 trains ``faiss.PCAMatrix`` on every token and then runs ``faiss.Kmeans``. Here the token matrix stays
-the memory-mapped float16 feature cache and is read in row chunks: one pass for the per-dimension mean
-and variance (Chan's pairwise update, float64), one for the covariance of the standardised tokens
-(float32 chunk products summed in float64), and one to project; only the (N, pca_dim) float32 result
-is held in memory. The eigendecomposition is float64 ``torch.linalg.eigh``. Components are sign-fixed
-(largest-magnitude loading positive) so that results do not depend on the LAPACK build.
+the memory-mapped float16 feature cache and is read twice in row chunks. The fitting pass shifts each
+chunk by a fixed per-dimension offset (the first chunk's mean, so values are near zero and nothing
+cancels), and sums, per chunk in float32 and across chunks in float64, the values, their squares and
+the chunk's Gram matrix; that gives the mean, the population variance (the z-score) and the covariance
+of the standardised tokens (the PCA) in one read. The eigendecomposition is float64
+``torch.linalg.eigh``; components are sign-fixed (largest-magnitude loading positive) so results do not
+depend on the LAPACK build. The second pass projects; only the (N, pca_dim) float32 result is held.
 
 faiss k-means silently trains on a random subsample of ``k * max_points_per_centroid`` points (256 per
 centroid by default) and only *assigns* the rest; the published numbers were made that way, so the
@@ -27,8 +29,8 @@ import torch
 
 from .errors import ConfigError
 
-#: Elements (rows x dims) per chunk when streaming the token matrix (64 MB of float32).
-CHUNK_ELEMENTS = 1 << 24
+#: Elements (rows x dims) per chunk when streaming the token matrix (16 MB of float32).
+CHUNK_ELEMENTS = 1 << 22
 
 #: faiss' default ``max_points_per_centroid``; above k x this, k-means trains on a subsample.
 FAISS_DEFAULT_MAX_POINTS = 256
@@ -56,11 +58,14 @@ def is_constant_dimension(var: np.ndarray, mean: np.ndarray, n: int) -> np.ndarr
 
 @dataclass
 class StandardPCA:
-    """z = (x - mean) / scale; y = (z - center) @ components. ``components`` None = no PCA (y = z)."""
+    """z = (x - mean) / scale; y = z @ components. ``components`` None = no PCA (y = z).
+
+    z has zero mean by construction, so the projection needs no second centring (faiss' PCAMatrix
+    subtracts the mean of z, which is zero up to rounding).
+    """
 
     mean: np.ndarray                   # (D,) float64
-    scale: np.ndarray                  # (D,) float64, 1 for constant dimensions
-    center: np.ndarray | None          # (D,) float64: mean of z (zero up to rounding)
+    scale: np.ndarray                  # (D,) float64 population std; 1 for constant dims or without standardising
     components: np.ndarray | None      # (D, d) float64, columns by decreasing variance
     explained_variance: np.ndarray | None   # (d,) eigenvalues of cov(z) (population, 1/n)
     total_variance: float
@@ -79,20 +84,17 @@ class StandardPCA:
         out = np.empty((n, self.out_dim), dtype=np.float32)
         mean = torch.from_numpy(self.mean).to(dev, torch.float32)
         scale = torch.from_numpy(self.scale).to(dev, torch.float32)
-        if self.components is not None:
-            center = torch.from_numpy(self.center).to(dev, torch.float32)
-            comps = torch.from_numpy(self.components).to(dev, torch.float32)
+        comps = None if self.components is None else torch.from_numpy(self.components).to(dev, torch.float32)
         for start, stop in _row_chunks(n, x.shape[1], chunk_rows):
             z = (_rows(x, start, stop, dev, torch.float32) - mean) / scale
-            if self.components is not None:
-                z = (z - center) @ comps
-            out[start:stop] = z.cpu().numpy()
+            out[start:stop] = (z if comps is None else z @ comps).cpu().numpy()
         return out
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "standardise": "per-dimension z-score over all val tokens (population std, float64 streaming "
-                           "accumulation; constant dimensions get scale 1)" if self.standardise else "none",
+            "standardise": "per-dimension z-score over all val tokens (population std; float32 sums per row chunk of "
+                           "shifted values, float64 across chunks; constant dimensions get scale 1)"
+                           if self.standardise else "none (centred only)",
             "n_samples": self.n_samples,
             "input_dim": int(self.mean.shape[0]),
             "constant_dims": int(np.sum(self.scale == 1.0) if self.standardise else 0),
@@ -100,8 +102,8 @@ class StandardPCA:
             "pca_dim": self.out_dim if self.components is not None else None,
         }
         if self.components is not None:
-            d.update(pca="torch.linalg.eigh of the float64 covariance of the standardised tokens "
-                         "(float32 chunk products, float64 sums); no whitening; sign: largest loading positive",
+            d.update(pca="torch.linalg.eigh of the float64 covariance of the standardised tokens (float32 chunk "
+                         "Gram matrices summed in float64); no whitening; sign: largest loading positive",
                      explained_variance_ratio=float(self.explained_variance.sum() / self.total_variance)
                      if self.total_variance > 0 else 1.0)
         elif self.requested_dim is not None:
@@ -114,7 +116,7 @@ class StandardPCA:
 
 def fit_standard_pca(x, n_components: int | None, *, standardise: bool = True,
                      device: str | torch.device = "cpu", chunk_rows: int | None = None) -> StandardPCA:
-    """Fit the z-score and the PCA on an (N, D) token matrix without loading it whole.
+    """Fit the z-score and the PCA on an (N, D) token matrix in one streaming read.
 
     ``n_components`` None (or >= D) keeps every dimension: with D <= d the PCA would only rotate the
     data, which leaves every Euclidean distance and so k-means unchanged; it is skipped and recorded.
@@ -123,43 +125,32 @@ def fit_standard_pca(x, n_components: int | None, *, standardise: bool = True,
     if n < 2:
         raise ConfigError(f"need at least 2 tokens to standardise and cluster, got {n}")
     dev = torch.device(device)
-    # Pass 1: mean and variance per dimension (Chan et al.'s pairwise merge, float64).
-    count = 0
-    mean = torch.zeros(dim, dtype=torch.float64, device=dev)
-    m2 = torch.zeros(dim, dtype=torch.float64, device=dev)
-    if standardise:
-        for start, stop in _row_chunks(n, dim, chunk_rows):
-            rows = _rows(x, start, stop, dev, torch.float64)
-            nb = rows.shape[0]
-            mb = rows.mean(0)
-            m2b = ((rows - mb) ** 2).sum(0)
-            delta = mb - mean
-            total = count + nb
-            mean = mean + delta * (nb / total)
-            m2 = m2 + m2b + delta * delta * (count * nb / total)
-            count = total
-        mean_np = mean.cpu().numpy()
-        var = m2.cpu().numpy() / n
-        const = is_constant_dimension(var, mean_np, n)
-        scale = np.where(const, 1.0, np.sqrt(var))
-    else:
-        mean_np = np.zeros(dim)
-        scale = np.ones(dim)
     pca_dim = None if n_components is None or n_components >= dim else int(n_components)
-    if pca_dim is None:
-        return StandardPCA(mean_np, scale, None, None, None, 0.0, n, standardise, n_components)
-
-    # Pass 2: covariance of z. z has (nearly) zero mean, so float32 chunk products lose nothing to cancellation.
-    m32 = torch.from_numpy(mean_np).to(dev, torch.float32)
-    s32 = torch.from_numpy(scale).to(dev, torch.float32)
-    gram = torch.zeros(dim, dim, dtype=torch.float64, device=dev)
-    zsum = torch.zeros(dim, dtype=torch.float64, device=dev)
+    shift = None
+    s1 = torch.zeros(dim, dtype=torch.float64, device=dev)
+    s2 = torch.zeros(dim, dtype=torch.float64, device=dev)
+    gram = torch.zeros(dim, dim, dtype=torch.float64, device=dev) if pca_dim is not None else None
     for start, stop in _row_chunks(n, dim, chunk_rows):
-        z = (_rows(x, start, stop, dev, torch.float32) - m32) / s32
-        gram += (z.T @ z).double()
-        zsum += z.double().sum(0)
-    center = zsum / n
-    cov = gram / n - torch.outer(center, center)
+        c = _rows(x, start, stop, dev, torch.float32)
+        if shift is None:
+            shift = c.mean(0)
+        c -= shift
+        s1 += c.sum(0).double()
+        s2 += (c * c).sum(0).double()
+        if gram is not None:
+            gram += (c.T @ c).double()
+    mean_c = s1 / n                                   # mean of the shifted values (small)
+    var = (s2 / n - mean_c * mean_c).clamp_min(0)
+    mean = (shift.double() + mean_c).cpu().numpy()
+    if standardise:
+        var_np = var.cpu().numpy()
+        scale = np.where(is_constant_dimension(var_np, mean, n), 1.0, np.sqrt(var_np))
+    else:
+        scale = np.ones(dim)
+    if pca_dim is None:
+        return StandardPCA(mean, scale, None, None, 0.0, n, standardise, n_components)
+    sc = torch.from_numpy(scale).to(dev)
+    cov = (gram / n - torch.outer(mean_c, mean_c)) / torch.outer(sc, sc)      # covariance of z
     cov = (cov + cov.T) / 2
     evals, evecs = torch.linalg.eigh(cov)                 # ascending
     evals = evals.flip(0)[:pca_dim].clamp_min(0)
@@ -168,7 +159,7 @@ def fit_standard_pca(x, n_components: int | None, *, standardise: bool = True,
     signs = torch.sign(comps[pivot, torch.arange(pca_dim, device=dev)])
     signs[signs == 0] = 1
     comps = comps * signs
-    return StandardPCA(mean_np, scale, center.cpu().numpy(), comps.cpu().numpy(), evals.cpu().numpy(),
+    return StandardPCA(mean, scale, comps.cpu().numpy(), evals.cpu().numpy(),
                        float(torch.trace(cov).clamp_min(0)), n, standardise, n_components)
 
 

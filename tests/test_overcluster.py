@@ -157,8 +157,10 @@ def test_streaming_standardise_and_pca_match_sklearn():
     pca = fit_standard_pca(x, k, chunk_rows=333)         # 8 chunks
     x64 = x.astype(np.float64)
     scaler = StandardScaler().fit(x64)
-    np.testing.assert_allclose(pca.mean, scaler.mean_, rtol=1e-12)
-    np.testing.assert_allclose(pca.scale, scaler.scale_, rtol=1e-10)
+    # float32 arithmetic within a chunk, float64 across chunks: agreement to float32 precision
+    np.testing.assert_allclose(pca.mean, scaler.mean_, rtol=1e-7)
+    np.testing.assert_allclose(pca.scale, scaler.scale_, rtol=1e-6)
+    assert pca.scale[5] == 1.0 and scaler.scale_[5] == 1.0
     z = scaler.transform(x64)
     ref = PCA(n_components=k, svd_solver="full").fit(z)
     # same subspace and variances (sklearn's variance is the n-1 one)
