@@ -459,7 +459,7 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
 
     artifacts = []
     if config.save_matches and config.save_matches_count:
-        alpha0 = config.thresholds[0]
+        alpha0 = 0.10 if 0.10 in config.thresholds else config.thresholds[0]   # the headline threshold
         for i in subsets["all"][: config.save_matches_count]:
             pr, a = pairs[i], arrays[i]
             src_side, trg_side = float(max(pr["src_size"])), float(max(pr["trg_size"]))
