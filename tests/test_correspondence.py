@@ -270,6 +270,23 @@ def test_identity_warp_scores_100_with_any_injective_features(tmp_path, encoder,
     assert res["config"]["feature_norm"] is False
 
 
+def test_symmetric_patch_padding_and_padding_aware_cell_centre(tmp_path):
+    """Input 200 with /16 patches: the view pads to 208 (offset 4, 13x13 grid). With keypoints on the
+    13-cell sampling lattice (x = c * 224 / 12) an identity warp puts the centre prediction within 0.02 of
+    the truth, while the published corner, which ignores the offset, is off by up to c / 156."""
+    noise = np.random.default_rng(1).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+    kps = [[c * SIDE / 12, 0.0] for c in range(12)]
+    write_spair(tmp_path, {("cat", "a"): (noise, kps), ("cat", "b"): (noise, kps)},
+                [{"src": "a", "trg": "b", "cat": "cat"}])
+    centre = run(ProjectionEncoder(), tmp_path, cfg(input_size=200, cell_centre=True, thresholds="0.05"),
+                 cache=None, progress=False)
+    assert centre["config"]["geometry"] == {"input_size": 200, "padded_size": 208, "offset": 4, "grid": 13}
+    assert centre["metrics"]["pck@0.05"] == 100.0
+    corner = run(ProjectionEncoder(), tmp_path, cfg(input_size=200, thresholds="0.05"), cache=None, progress=False)
+    expected = 100 * np.mean([c / 156 < 0.05 for c in range(12)])      # |c/13 - c/12| per keypoint
+    assert corner["metrics"]["pck@0.05"] == pytest.approx(expected)
+
+
 def _translation_case(tmp_path, n_kps=40, seed=0):
     """Two categories; the source is the code image, targets are it moved by whole cells. Returns the
     per-pair data needed to state the expected PCK in closed form."""
@@ -397,6 +414,17 @@ def test_missing_pair_field_is_a_data_error_naming_the_file(tmp_path):
     with pytest.raises(DataError) as e:
         run(ProjectionEncoder(), tmp_path, cfg(), cache=None, progress=False)
     assert "trg_bndbox" in str(e.value) and ".json" in str(e.value)
+
+
+def test_image_annotation_without_kps_is_a_data_error(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+    images = {("cat", "a"): (noise, _aligned_keypoints()), ("cat", "b"): (noise, _aligned_keypoints())}
+    write_spair(tmp_path, images, [{"src": "a", "trg": "b", "cat": "cat"}])
+    ann = tmp_path / "SPair-71k" / "ImageAnnotation" / "cat" / "b.json"
+    ann.write_text(json.dumps({"filename": "b.jpg", "category": "cat"}))
+    with pytest.raises(DataError) as e:
+        run(ProjectionEncoder(), tmp_path, cfg(), cache=None, progress=False)
+    assert "kps" in str(e.value) and "b.json" in str(e.value)
 
 
 def test_empty_bbox_is_a_data_error_and_image_norm_still_works(tmp_path):
