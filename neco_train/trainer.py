@@ -471,10 +471,12 @@ class Trainer:
     def loader(self, epoch: int, start_step: int = 0) -> torch.utils.data.DataLoader:
         sampler = GlobalBatchSampler(len(self.files), self.global_batch, self.dist.rank, self.dist.world_size,
                                      self.cfg.seed, epoch, start_step)
+        # an own generator: creating a loader must not draw from the global RNG (drop-path), or a resumed
+        # run would diverge from an uninterrupted one
         return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=sampler,
                                            collate_fn=collate, num_workers=self.cfg.workers, drop_last=True,
-                                           pin_memory=self.device.type == "cuda",
-                                           persistent_workers=False)
+                                           pin_memory=self.device.type == "cuda", persistent_workers=False,
+                                           generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
 
     def _check_batch(self, batch: dict) -> None:
         if "error" in batch:
