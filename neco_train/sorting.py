@@ -31,9 +31,11 @@ NETWORKS = ("bitonic", "odd_even")
 DISTRIBUTIONS = ("cauchy", "logistic", "logistic_phi", "gaussian", "reciprocal", "optimal")
 _NETWORK_ALIASES = {"bitonic": "bitonic", "odd_even": "odd_even", "odd-even": "odd_even", "oddeven": "odd_even"}
 
-#: Elements of recomputed state kept per backward chunk (float32: 4 bytes each). Small enough to stay
-#: in cache on CPU; on CUDA a chunk is allowed to be larger so that kernel launches stay few.
+#: Working-set budget (elements) of one chunk of state rows: forward keeps two state buffers per chunk,
+#: backward also the per-layer differences. Chunks small enough to stay in cache run fastest on CPU
+#: (measured with bench/sorting.py); on CUDA chunks are larger so that kernel launches stay few.
 _CPU_CHUNK_ELEMENTS = 1 << 21
+_CPU_BACKWARD_CHUNK_ELEMENTS = 1 << 23
 _CUDA_CHUNK_ELEMENTS = 1 << 26
 
 
@@ -205,9 +207,12 @@ def _schedule(kind: str, n: int, w_start: int, w_stop: int) -> tuple[_Step, ...]
     return tuple(steps)
 
 
-def _chunks(plan: _Plan, batch: int, device: torch.device, buffers_per_row: float):
+def _chunks(plan: _Plan, batch: int, device: torch.device, buffers_per_row: float, backward: bool = False):
     """Row chunks (in wire coordinates) aligned to powers of two, sized to a working-set budget."""
-    budget = _CUDA_CHUNK_ELEMENTS if device.type == "cuda" else _CPU_CHUNK_ELEMENTS
+    if device.type == "cuda":
+        budget = _CUDA_CHUNK_ELEMENTS
+    else:
+        budget = _CPU_BACKWARD_CHUNK_ELEMENTS if backward else _CPU_CHUNK_ELEMENTS
     net = plan.net
     rows = max(1, int(budget // max(1.0, buffers_per_row * net.width * batch)))
     size = 1 << (rows.bit_length() - 1)
@@ -300,7 +305,7 @@ class _SoftSort(torch.autograd.Function):
         gps = [torch.zeros_like(p) for p in ps]
 
         if grad_perm is not None and grad_perm.numel():
-            for w0, w1 in _chunks(plan, batch, device, 2.0 + len(net.layers) / 2):
+            for w0, w1 in _chunks(plan, batch, device, 2.0 + len(net.layers) / 2, backward=True):
                 steps = _schedule(kind, n, w0, w1)
                 diffs: list = [None] * len(net.layers)
                 src = _initial_state(w0, w1, plan, batch, dtype, device)

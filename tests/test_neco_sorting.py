@@ -94,6 +94,7 @@ def test_chunking_does_not_change_results(monkeypatch):
     results = []
     for budget in (1, 1 << 30):  # one row per chunk vs all rows at once
         monkeypatch.setattr(sorting, "_CPU_CHUNK_ELEMENTS", budget)
+        monkeypatch.setattr(sorting, "_CPU_BACKWARD_CHUNK_ELEMENTS", budget)
         leaf = x.clone().requires_grad_(True)
         values, perm = soft_sort(leaf, 50.0)
         (perm * w).sum().backward()
