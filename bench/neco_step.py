@@ -75,7 +75,7 @@ class ReferenceStep:
         (teacher_out,) = self.teacher(inputs.global_crops.flatten(0, 1))          # autograd on
         student_global, student_local = self.student(inputs.global_crops.flatten(0, 1),
                                                      inputs.local_crops.flatten(0, 1))
-        as_grid = lambda z: z.permute(0, 3, 1, 2)  # noqa: E731  (B, h, w, D) -> (B, D, h, w)
+        as_grid = lambda z: z.permute(0, 3, 1, 2)
         teacher_maps = [teacher_out[g * batch:(g + 1) * batch] for g in range(n_global)]
         student_maps = ([student_global[c * batch:(c + 1) * batch] for c in range(n_global)]
                         + [student_local[c * batch:(c + 1) * batch] for c in range(n_crops - n_global)])

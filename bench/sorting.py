@@ -124,7 +124,7 @@ def main() -> None:
     args = ap.parse_args()
 
     results = [measure(net, args.rows, args.n, args.steepness, args.repeats) for net in args.networks.split(",")]
-    mb = lambda b: f"{b / 2**20:9.1f}"  # noqa: E731
+    mb = lambda b: f"{b / 2**20:9.1f}"
     print(f"soft_sort vs diffsort 0.2.0: N={args.rows} rows, n={args.n}, steepness {args.steepness}, "
           f"{torch.get_num_threads()} thread(s), median of {args.repeats}")
     print(f"{'network':10s}{'max|dP|':>10s}{'wall ours/ds (s)':>20s}{'x':>7s}{'cpu x':>7s}"

@@ -154,7 +154,7 @@ def run_cli(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _print_dry_run(s: dict[str, Any]) -> None:
     def hms(seconds: float) -> str:
-        seconds = int(round(seconds))
+        seconds = round(seconds)
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
     print(f"dry run on {s['device']}: {s['seconds_per_step']:.3f} s/step over {s['measured_steps']} steps "

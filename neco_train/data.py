@@ -15,8 +15,8 @@ any number of processes or workers, and a resumed run, therefore sees the same g
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ class NecoViews(torch.utils.data.Dataset):
             try:
                 img = _load_rgb(path)
                 break
-            except Exception:  # PIL raises many types for truncated or non-image files
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # what PIL raises
                 skipped += 1
         else:
             return {"error": f"{MAX_SUBSTITUTIONS + 1} consecutive images starting at {self.files[index]} "

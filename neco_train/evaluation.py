@@ -37,16 +37,22 @@ def before_after(base: BaseModel, checkpoint: str | os.PathLike | None, names: l
                  options: dict[str, Any] | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Evaluate base and trained model on ``names``; print and return one row per benchmark."""
     from densebench.api import evaluate
+    from densebench.encoders import load_encoder
     from densebench.protocols import get_benchmark
 
     if checkpoint is None:
         raise ConfigError("there is no trained checkpoint to benchmark")
     output = Path(output)
     stem = str(Path(checkpoint).with_suffix(""))
-    common = dict(benchmarks=names, data_root=data_root, device=device, overwrite=True, progress=progress,
-                  options=dict(options or {}))
-    before = evaluate(base.name, weights=base.weights, output=output / "base", **common)
-    after = evaluate("neco:" + stem, output=output / "trained", **common)
+    # Encoders are built here rather than by name inside evaluate(): the base needs the model kwargs
+    # training used, and both sides resample position embeddings the same way (the training one).
+    base_encoder = load_encoder(base.name, weights=base.weights, model_kwargs=base.model_kwargs_given or None,
+                                pos_interp=base.pos_interp)
+    trained_encoder = load_encoder("neco:" + stem, pos_interp=base.pos_interp)
+    common = {"benchmarks": names, "data_root": data_root, "device": device, "overwrite": True,
+              "progress": progress, "options": dict(options or {})}
+    before = evaluate(base_encoder, output=output / "base", **common)
+    after = evaluate(trained_encoder, output=output / "trained", **common)
     rows = []
     for b, a in zip(before, after):
         metric = get_benchmark(b["benchmark"]).main_metric
@@ -65,7 +71,7 @@ def print_table(rows: list[dict[str, Any]], base_name: str, trained_name: str) -
     from rich.console import Console
     from rich.table import Table
 
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"
     table = Table(title=f"NeCo before/after: {base_name} -> neco:{trained_name}")
     for col in ("benchmark", "metric", "base", "trained", "delta"):
         table.add_column(col, justify="left" if col in ("benchmark", "metric") else "right")

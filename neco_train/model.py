@@ -80,6 +80,8 @@ class BaseModel:
     native_size: int | None
     pos_interp: str
     state_dict: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    #: the model kwargs the user passed (to rebuild the same base encoder through densebench)
+    model_kwargs_given: dict[str, Any] = field(default_factory=dict)
 
 
 def load_base(model: str, *, weights: str | None = None, model_kwargs: dict[str, Any] | None = None,
@@ -114,7 +116,8 @@ def load_base(model: str, *, weights: str | None = None, model_kwargs: dict[str,
     return BaseModel(name=model, weights=weights, arch=encoder.arch, model_kwargs=kwargs,
                      fingerprint=encoder.fingerprint, patch_size=encoder.patch_size, embed_dim=encoder.embed_dim,
                      native_size=encoder.native_size, pos_interp=encoder.pos_interp,
-                     state_dict={k: v.detach().clone() for k, v in net.state_dict().items()})
+                     state_dict={k: v.detach().clone() for k, v in net.state_dict().items()},
+                     model_kwargs_given=dict(model_kwargs or {}))
 
 
 def build_backbone(base: BaseModel, *, drop_path: float = 0.0, name: str = "neco-student") -> nn.Module:

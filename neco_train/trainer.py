@@ -37,8 +37,15 @@ from .crops import CropConfig
 from .data import GlobalBatchSampler, NecoViews, collate, find_images
 from .distributed import DistContext, init_distributed
 from .loss import DEFAULT_LOG_FLOOR, neighbor_ranking_loss
-from .model import (BaseModel, NecoNet, build_student_teacher, cosine_schedule, ema_update, load_base,
-                    param_groups)
+from .model import (
+    BaseModel,
+    NecoNet,
+    build_student_teacher,
+    cosine_schedule,
+    ema_update,
+    load_base,
+    param_groups,
+)
 from .sorting import DISTRIBUTIONS, NETWORKS
 
 
@@ -188,7 +195,7 @@ def align_pairs(teacher_global: torch.Tensor, student_global: torch.Tensor, stud
         return torch.cat([(crop_index * batch + image).unsqueeze(1), box / patch_size], dim=1)
 
     teacher_rois = torch.cat([rois(g, boxes_global[:, g, v]) for g, v in pairs])
-    flat = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731  (crop, image) -> crop·B + image
+    flat = lambda t: t.reshape(-1, *t.shape[2:])
     teacher = roi_align(flat(teacher_global), teacher_rois, roi_size, spatial_scale=1.0, sampling_ratio=-1,
                         aligned=True)
     global_pairs = [i for i, (g, v) in enumerate(pairs) if v < n_global]
@@ -257,8 +264,8 @@ class StepInputs:
     boxes_all: torch.Tensor
 
     @classmethod
-    def from_batch(cls, batch: dict, device: torch.device) -> "StepInputs":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    def from_batch(cls, batch: dict, device: torch.device) -> StepInputs:
+        move = lambda t: t.to(device, non_blocking=True)
         return cls(move(batch["global"].transpose(0, 1)), move(batch["local"].transpose(0, 1)),
                    move(batch["boxes_global"]), move(batch["boxes_all"]))
 
@@ -337,7 +344,7 @@ class NecoObjective:
             with torch.no_grad():
                 (zt_global,) = teacher(crops[0])
         # everything after the networks in float32 (ROI-Align, cosines, sorting, log)
-        grid = lambda z, n: z.float().unflatten(0, (n, batch)).permute(0, 1, 4, 2, 3)  # noqa: E731
+        grid = lambda z, n: z.float().unflatten(0, (n, batch)).permute(0, 1, 4, 2, 3)
         zt = zt_global.float().unflatten(0, (n_global, batch))
         s_local = grid(zs_local, n_local) if n_local else torch.zeros(0, batch, zs_global.shape[-1], 1, 1,
                                                                      device=self.device)

@@ -7,7 +7,14 @@ import torch
 from PIL import Image
 
 from densebench.errors import ConfigError, DataError
-from neco_train.crops import CropConfig, intersection, make_views, relative_boxes, sample_box, sample_crop_boxes
+from neco_train.crops import (
+    CropConfig,
+    intersection,
+    make_views,
+    relative_boxes,
+    sample_box,
+    sample_crop_boxes,
+)
 from neco_train.trainer import align_pairs, pair_list
 
 W, H = 200, 160

@@ -53,7 +53,7 @@ def test_matches_diffsort_float32_neco_setting(network):
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_every_distribution_matches_diffsort(distribution):
     x = torch.rand(5, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    (v_ref, p_ref, g_ref), (v, p, g) = _both(x, 20.0, "bitonic", distribution)
+    (_, p_ref, g_ref), (_, p, g) = _both(x, 20.0, "bitonic", distribution)
     torch.testing.assert_close(p, p_ref, rtol=0, atol=1e-12)
     # diffsort's gaussian backward keeps sigma as a float32 tensor: agreement is to ~1e-7 there
     tol = 1e-6 if distribution == "gaussian" else 1e-9
@@ -96,7 +96,7 @@ def test_chunking_does_not_change_results(monkeypatch):
         monkeypatch.setattr(sorting, "_CPU_CHUNK_ELEMENTS", budget)
         monkeypatch.setattr(sorting, "_CPU_BACKWARD_CHUNK_ELEMENTS", budget)
         leaf = x.clone().requires_grad_(True)
-        values, perm = soft_sort(leaf, 50.0)
+        _, perm = soft_sort(leaf, 50.0)
         (perm * w).sum().backward()
         results.append((perm.detach(), leaf.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-14)
@@ -107,7 +107,7 @@ def test_half_precision_is_sorted_in_float32():
     x = torch.rand(3, 7, generator=torch.Generator().manual_seed(2)) * 2 - 1
     values, perm = soft_sort(x.to(torch.bfloat16), 100.0)
     assert values.dtype == perm.dtype == torch.float32
-    v32, p32 = soft_sort(x.to(torch.bfloat16).float(), 100.0)
+    _, p32 = soft_sort(x.to(torch.bfloat16).float(), 100.0)
     torch.testing.assert_close(perm, p32)
 
 

@@ -17,8 +17,9 @@ from neco_train.data import collate
 from neco_train.model import cosine_schedule, ema_update
 from neco_train.trainer import NecoObjective, ReferenceQueue, StepInputs, TrainConfig, Trainer, TrainingError
 
-TINY = dict(model="random:vit_tiny_patch16_224", model_kwargs={"depth": 2}, batch_size=2, global_size=32,
-            local_size=16, head_hidden=64, head_out=32, workers=0, progress=False, queue_length=64, epochs=2)
+TINY = {"model": "random:vit_tiny_patch16_224", "model_kwargs": {"depth": 2}, "batch_size": 2, "global_size": 32,
+        "local_size": 16, "head_hidden": 64, "head_out": 32, "workers": 0, "progress": False, "queue_length": 64,
+        "epochs": 2}
 
 
 def image_folder(root: Path, n: int = 6, size=(80, 96), seed: int = 0) -> Path:
@@ -190,7 +191,7 @@ def test_checkpoint_loaded_by_densebench_gives_the_students_features(finished_ru
 
 
 def test_resume_continues_exactly_where_the_run_stopped(images, tmp_path):
-    overrides = dict(drop_path=0.1, lr_backbone=1e-3, lr_head=1e-3, max_steps=4, save_every=2)
+    overrides = {"drop_path": 0.1, "lr_backbone": 1e-3, "lr_head": 1e-3, "max_steps": 4, "save_every": 2}
     straight = Trainer(tiny_config(images, tmp_path / "straight", **overrides))
     straight_losses = straight.fit()["losses"]
     first = Trainer(tiny_config(images, tmp_path / "split", **{**overrides, "max_steps": 2}), base=straight.base)
@@ -279,3 +280,27 @@ def test_cli_dry_run_and_user_errors(images, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(args + ["--bench", "no-such-benchmark", "--bench-data-root", str(tmp_path)])
     assert exc.value.code == 2 and "no-such-benchmark" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_runs_densebench_before_and_after(synth_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--model", "random:vit_tiny_patch16_224", "--model-kwargs", '{"depth": 2}', "--data",
+            str(synth_root / "coco"), "--output", str(out), "--batch-size", "4", "--global-size", "32",
+            "--local-size", "16", "--head-hidden", "64", "--head-out", "32", "--workers", "0", "--epochs", "1",
+            "--max-steps", "2", "--no-progress", "--bench", "voc-incontext,coco-things-linear",
+            "--bench-data-root", str(synth_root), "--bench-option", "input_size=64"]
+    rows = run_cli(args)["bench"]
+    assert [r["benchmark"] for r in rows] == ["voc-incontext", "coco-things-linear"]
+    table = capsys.readouterr().out
+    assert "before/after" in table and "voc-incontext" in table
+    sidecar = json.loads((out / "last.json").read_text())
+    for r in rows:
+        base = json.loads(Path(r["base_result"]).read_text())
+        trained = json.loads(Path(r["trained_result"]).read_text())
+        assert base["model"]["fingerprint"] == sidecar["base_fingerprint"]
+        assert trained["model"]["fingerprint"] != base["model"]["fingerprint"]
+        assert trained["model"]["neco_step"] == 2
+        assert r["base"] == base["metrics"][r["metric"]] and r["trained"] == trained["metrics"][r["metric"]]
+        assert 0 <= r["base"] <= 100 and r["delta"] == pytest.approx(r["trained"] - r["base"])
+    assert json.loads((out / "bench" / "before_after.json").read_text())["rows"] == rows
