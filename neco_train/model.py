@@ -102,11 +102,9 @@ def load_base(model: str, *, weights: str | None = None, model_kwargs: dict[str,
     kwargs: dict[str, Any] = {}
     if model in REGISTRY:
         kwargs.update(REGISTRY[model].model_kwargs)
-    elif model.startswith("neco:"):
-        import json
-
-        from densebench.encoders import _neco_paths
-        kwargs.update(json.loads(_neco_paths(model[5:])[1].read_text()).get("model_kwargs", {}))
+    elif model.startswith("neco:"):  # continuing from a neco_train checkpoint: its sidecar has the kwargs
+        from .checkpoint import read_sidecar
+        kwargs.update(read_sidecar(model[5:]).get("model_kwargs", {}))
     kwargs.update(model_kwargs or {})
     for key in ("num_classes", "dynamic_img_size", "pretrained", "drop_path_rate"):
         kwargs.pop(key, None)

@@ -567,6 +567,11 @@ class Trainer:
         if self.objective.queue is not None and not self.objective.global_scope and self.dist.enabled:
             # per-process queues: keep every rank's so a resume with the same world size restores them
             objective_state["queue_all"] = self.dist.all_gather_cat(self.objective.queue.data.unsqueeze(0)).cpu()
+        finite = torch.stack([torch.isfinite(p).all() for p in self.student.parameters()]).all()
+        if not bool(finite):  # never let a diverged model replace the last good checkpoint
+            kept = f"; the last finite checkpoint is kept at {self.last_checkpoint}" if self.last_checkpoint else ""
+            raise TrainingError(f"the student's parameters became non-finite by step {self.step}{kept}",
+                                hint="lower the learning rates")
         if not self.dist.is_main:
             self.dist.barrier()
             return None

@@ -14,7 +14,7 @@ from densebench.errors import ConfigError, DataError, ModelError
 from neco_train.cli import main as cli_main
 from neco_train.cli import run_cli
 from neco_train.data import collate
-from neco_train.model import cosine_schedule, ema_update
+from neco_train.model import cosine_schedule, ema_update, load_base
 from neco_train.trainer import NecoObjective, ReferenceQueue, StepInputs, TrainConfig, Trainer, TrainingError
 
 TINY = {"model": "random:vit_tiny_patch16_224", "model_kwargs": {"depth": 2}, "batch_size": 2, "global_size": 32,
@@ -188,6 +188,11 @@ def test_checkpoint_loaded_by_densebench_gives_the_students_features(finished_ru
         for enc in (loaded, by_weights):
             torch.testing.assert_close(enc(images), expected, rtol=1e-5, atol=1e-5)
     assert loaded.fingerprint != finished_run.base.fingerprint
+    # a checkpoint is also a base model to continue from (its sidecar supplies the architecture kwargs)
+    again = load_base("neco:" + str(out / "last"))
+    assert again.arch == "vit_tiny_patch16_224" and again.model_kwargs["depth"] == 2
+    for k, v in finished_run.student.timm_model.state_dict().items():
+        torch.testing.assert_close(again.state_dict[k], v, rtol=0, atol=0)
 
 
 def test_resume_continues_exactly_where_the_run_stopped(images, tmp_path):
@@ -233,6 +238,11 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(image
     assert not (tmp_path / "checkpoints" / "step-0000003.safetensors").exists()
     assert json.loads((tmp_path / "last.json").read_text())["step"] == 2
     assert torch.isfinite(torch.cat([p.flatten() for p in trainer.student.parameters()])).all()
+    with torch.no_grad():  # diverged weights are never written over the last good checkpoint
+        next(trainer.student.parameters()).fill_(float("inf"))
+    with pytest.raises(TrainingError, match="parameters became non-finite"):
+        trainer.save()
+    assert json.loads((tmp_path / "last.json").read_text())["step"] == 2
 
 
 def test_bad_input(images, tmp_path, finished_run):
