@@ -399,3 +399,136 @@ def test_benchmarks_are_registered_with_published_defaults():
                 cfg.lr_drop_epoch, cfg.lr_gamma, cfg.head_batch_size, cfg.seed) == \
                (448, 100, 25, 0.01, 0.9, 1e-4, 20, 0.1, 128, 400)
         assert cfg.eval_size is None and cfg.select_on_val is False and cfg.crop_min_scale == 0.8
+
+
+# ------------------------------------------------------------------------- COCO label spaces
+
+#: Raw COCO panoptic category id -> COCO-Things class id, written out from spec §2.3 (sorted thing
+#: supercategories: accessory 0, animal 1, appliance 2, electronic 3, food 4, furniture 5, indoor 6,
+#: kitchen 7, outdoor 8, person 9, sports 10, vehicle 11); stuff and void -> ignored (None).
+THINGS_EXPECTED = {27: 0, 16: 1, 18: 1, 78: 2, 72: 3, 52: 4, 62: 5, 84: 6, 44: 7, 10: 8, 1: 9, 34: 10, 2: 11,
+                   0: None, 149: None}
+#: Raw stuff pixelmap id -> COCO-Stuff class id (building 0, ceiling 1, floor 2, food-stuff 3, furniture-stuff 4,
+#: ground 5, plant 6, raw-material 7, sky 8, solid 9, structural 10, textile 11, wall 12, water 13, window 14);
+#: 0 (things) and 183 (other) -> ignored.
+STUFF_EXPECTED = {96: 0, 102: 1, 115: 2, 122: 3, 98: 4, 111: 5, 97: 6, 132: 7, 157: 8, 135: 9, 113: 10, 92: 11,
+                  171: 12, 155: 13, 181: 14, 0: None, 183: None}
+THING_NAMES = ["accessory", "animal", "appliance", "electronic", "food", "furniture", "indoor", "kitchen",
+               "outdoor", "person", "sports", "vehicle"]
+STUFF_NAMES = ["building", "ceiling", "floor", "food-stuff", "furniture-stuff", "ground", "plant", "raw-material",
+               "sky", "solid", "structural", "textile", "wall", "water", "window"]
+
+
+def write_palette_coco(root, family: str, n_train: int = 12, n_val: int = 12, size: int = 64, block: int = 32):
+    """A COCO-layout dataset whose raw masks hold COCO ids and whose images are painted with the colour of the
+    class spec §2.3 says the id belongs to (ignored ids: the last palette colour). The probe can only score
+    ~100% if the reader maps raw ids exactly as the spec does."""
+    table = THINGS_EXPECTED if family == "coco-things" else STUFF_EXPECTED
+    entries = list(table.items())
+    coco = root / "coco"
+    splits = {"train": [], "val": []}
+    k = 0
+    for split, n in (("train", n_train), ("val", n_val)):
+        img_dir = coco / "images" / f"{split}2017"
+        mask_dir = (coco / "annotations" / f"{split}2017" if family == "coco-things" else
+                    coco / "annotations" / "stuff_annotations" / f"stuff_{split}2017_pixelmaps")
+        img_dir.mkdir(parents=True, exist_ok=True)
+        mask_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            g = size // block
+            raw = np.zeros((g, g), np.uint8)
+            colour = np.zeros((g, g), np.int64)
+            for cell in range(g * g):
+                rid, cls = entries[k % len(entries)]
+                k += 1
+                raw.flat[cell] = rid
+                colour.flat[cell] = len(PALETTE) - 1 if cls is None else cls
+            up = np.ones((block, block), np.int64)
+            id_ = f"{split}{i:010d}"
+            Image.fromarray(PALETTE[np.kron(colour, up)]).save(img_dir / f"{id_}.jpg", quality=98)
+            Image.fromarray(np.kron(raw, up).astype(np.uint8), "L").save(mask_dir / f"{id_}.png")
+            splits[split].append(id_)
+    (coco / MANIFEST_NAME).write_text(json.dumps({"synthetic": True, "splits": splits}))
+    return root
+
+
+@pytest.mark.parametrize("family,names", [("coco-things", THING_NAMES), ("coco-stuff", STUFF_NAMES)])
+def test_coco_label_spaces_match_the_spec_through_the_probe(tmp_path, family, names):
+    root = write_palette_coco(tmp_path / "data", family)
+    cfg = small_config(dataset=family, epochs=25, lr_drop_epoch=20, head_batch_size=2)
+    res = run(PaletteEncoder(), root, cfg, progress=False, benchmark=f"{family}-linear")
+    per_class = res["metrics"]["per_class_iou"]
+    assert list(per_class) == names
+    assert res["metrics"]["miou"] > 98.0, per_class
+    assert min(per_class.values()) > 94.0
+
+
+def test_coco_things_on_zero_indexed_stuffthingmaps_exits_2_with_the_explanation(tmp_path, capsys):
+    """The thing-mask folder filled with COCO-Stuff-164k stuffthingmaps (id - 1, 255 unlabelled) is refused."""
+    from densebench.cli import main
+
+    root = write_palette_coco(tmp_path / "data", "coco-things")
+    for png in (root / "coco" / "annotations").rglob("*.png"):
+        raw = np.array(Image.open(png))
+        shifted = np.where(raw == 0, 255, raw.astype(np.int64) - 1).astype(np.uint8)
+        Image.fromarray(shifted, "L").save(png)
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--model", "pixels", "--benchmark", "coco-things-linear", "--data-root", str(root),
+              "--input-size", "64", "--quiet", "--output", str(tmp_path / "r.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "0-indexed" in err and "stuffthingmaps" in err and "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()
+
+
+# ------------------------------------------------------------------------ CLI on the synthetic suite
+
+SMALL_CLI = ["--input-size", "64", "--train-mask-size", "32", "--epochs", "3", "--head-batch-size", "8",
+             "--train-views", "1", "--quiet"]
+
+
+def _cli(args, capsys):
+    from densebench.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_cli_runs_voc_and_ade20k_linear_and_writes_valid_results(synth_root, tmp_path, capsys):
+    from densebench.results import read_result
+
+    out = tmp_path / "results"
+    code, stdout, stderr = _cli(["run", "--model", "pixels", "--benchmark", "voc-linear,ade20k-linear",
+                                 "--data-root", str(synth_root), *SMALL_CLI, "--output", str(out)], capsys)
+    assert code == 0, stderr
+    voc, ade = read_result(out / "voc-linear.json"), read_result(out / "ade20k-linear.json")   # schema + integrity
+    for res in (voc, ade):
+        assert res["config"]["epochs"] == 3 and res["config"]["input_size"] == 64
+        assert len(res["metrics"]["train_loss_curve"]) == 3
+        assert 0 <= res["metrics"]["miou"] <= 100
+        assert res["provenance"]["dataset"]["synthetic"] is True
+    assert len(voc["metrics"]["per_class_iou"]) == 21 and voc["config"]["drop_last"] is True
+    # ADE20K: 151 classes with the ignored class 0 scoring 0, so the published mean is 150/151 of the real one
+    assert len(ade["metrics"]["per_class_iou"]) == 151
+    assert list(ade["metrics"]["per_class_iou"].values())[0] == 0.0
+    assert ade["metrics"]["miou"] == pytest.approx(ade["metrics"]["miou_150"] * 150 / 151, rel=1e-9)
+    assert "voc-linear" in stdout and "ade20k-linear" in stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--upsample", "bicubic"], "accepted: features, logits"),
+    (["--train-views", "0"], "--train-views must be >= 1"),
+    (["--train-views", "two"], "--train-views expects int"),
+    (["--epochs", "2", "--train-views", "3"], "exceeds --epochs"),
+    (["--input-size", "60"], "not a multiple of the patch size 16"),
+    (["--normalization", "nope"], "accepted"),
+])
+def test_cli_bad_linear_options_exit_2(synth_root, tmp_path, capsys, args, needle):
+    code, _, stderr = _cli(["run", "--model", "pixels", "--benchmark", "voc-linear", "--data-root", str(synth_root),
+                            "--quiet", *args], capsys)
+    assert code == 2 and needle in stderr and "Traceback" not in stderr
