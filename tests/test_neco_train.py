@@ -314,3 +314,34 @@ def test_bench_runs_densebench_before_and_after(synth_root, tmp_path, capsys):
         assert r["base"] == base["metrics"][r["metric"]] and r["trained"] == trained["metrics"][r["metric"]]
         assert 0 <= r["base"] <= 100 and r["delta"] == pytest.approx(r["trained"] - r["base"])
     assert json.loads((out / "bench" / "before_after.json").read_text())["rows"] == rows
+
+
+def test_image_layouts_are_recognised(tmp_path):
+    from neco_train.data import find_images, resolve_image_root
+
+    coco = image_folder(tmp_path / "coco" / "images" / "train2017", n=2)
+    image_folder(tmp_path / "coco" / "images" / "val2017", n=3)
+    assert resolve_image_root(tmp_path / "coco") == (coco, "coco")
+    inet = tmp_path / "inet"
+    for cls in ("n01", "n02"):
+        image_folder(inet / "train" / cls, n=2)
+    image_folder(inet / "val" / "n01", n=5)
+    files, layout = find_images(inet)
+    assert layout == "imagenet" and len(files) == 4 and all("train" in f.parts for f in files)
+    plain = image_folder(tmp_path / "plain" / "a" / "b", n=3)
+    (plain / "notes.txt").write_text("not an image")
+    files, layout = find_images(tmp_path / "plain")
+    assert layout == "folder" and len(files) == 3
+
+
+def test_global_batches_are_split_across_processes_without_changing_them():
+    from neco_train.data import GlobalBatchSampler
+
+    one = list(GlobalBatchSampler(23, 4, rank=0, world_size=1, seed=3, epoch=1))
+    two = [list(GlobalBatchSampler(23, 4, rank=r, world_size=2, seed=3, epoch=1)) for r in range(2)]
+    assert len(one) == 20  # drop_last: 5 steps of 4
+    for step in range(5):
+        assert one[4 * step:4 * step + 4] == two[0][2 * step:2 * step + 2] + two[1][2 * step:2 * step + 2]
+    assert sorted(i for _, i in one) == sorted({i for _, i in one})  # no repeats within an epoch
+    assert list(GlobalBatchSampler(23, 4, 0, 1, seed=3, epoch=1, start_step=2)) == one[8:]
+    assert list(GlobalBatchSampler(23, 4, 0, 1, seed=3, epoch=2)) != one
