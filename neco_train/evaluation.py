@@ -62,17 +62,18 @@ def before_after(base: BaseModel, checkpoint: str | os.PathLike | None, names: l
                      "base_result": str(output / "base" / f"{b['benchmark']}.json"),
                      "trained_result": str(output / "trained" / f"{a['benchmark']}.json")})
     (output / "before_after.json").write_text(json.dumps({"base_model": base.name, "checkpoint": stem,
-                                                          "rows": rows}, indent=2))
-    print_table(rows, base.name, stem)
+                                                          "pos_interp": base.pos_interp, "rows": rows}, indent=2))
+    print_table(rows, base.name, stem, base.pos_interp)
     return rows
 
 
-def print_table(rows: list[dict[str, Any]], base_name: str, trained_name: str) -> None:
+def print_table(rows: list[dict[str, Any]], base_name: str, trained_name: str, pos_interp: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     fmt = lambda v: "-" if v is None else f"{v:.2f}"
-    table = Table(title=f"NeCo before/after: {base_name} -> neco:{trained_name}")
+    table = Table(title=f"NeCo before/after: {base_name} -> neco:{trained_name}",
+                  caption=f"both evaluated with {pos_interp} position-embedding resampling")
     for col in ("benchmark", "metric", "base", "trained", "delta"):
         table.add_column(col, justify="left" if col in ("benchmark", "metric") else "right")
     for r in rows:
