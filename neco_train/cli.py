@@ -135,6 +135,7 @@ def run_cli(argv: list[str] | None = None) -> dict[str, Any]:
                 _print_dry_run(summary)
             return {"dry_run": summary}
         summary = trainer.fit()
+        dist.barrier()  # every rank is done training; the benchmarks below run on rank 0 alone
         if dist.is_main:
             print(f"neco_train: {summary['steps']} steps; checkpoint {summary['checkpoint']}", file=sys.stderr)
             if summary["skipped_images"]:
@@ -146,7 +147,6 @@ def run_cli(argv: list[str] | None = None) -> dict[str, Any]:
                 trainer.base, trainer.last_checkpoint, bench_names, data_root=args.bench_data_root,
                 device=args.bench_device or str(trainer.device), output=trainer.out / "bench",
                 options=bench_options, progress=cfg.progress)
-        dist.barrier()
         return summary
     finally:
         dist.close()
