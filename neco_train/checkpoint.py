@@ -23,17 +23,21 @@ from typing import Any
 import torch
 
 from densebench.errors import ConfigError, ModelError
+from densebench.results import atomic_write_text
 
 NECO_FORMAT = "densebench-neco-1"
 STATE_FORMAT = "neco-train-state-1"
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Binary counterpart of densebench's ``atomic_write_text``: ``write(tmp)``, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -60,7 +64,7 @@ def save_backbone(stem: str | os.PathLike, state_dict: dict[str, torch.Tensor], 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": NECO_FORMAT}))
     body = {"format": NECO_FORMAT, **meta}
-    _atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2, sort_keys=True, default=str)))
+    atomic_write_text(sidecar, json.dumps(body, indent=2, sort_keys=True, default=str))
     return weights
 
 
