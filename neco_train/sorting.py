@@ -228,8 +228,9 @@ def _run(src: torch.Tensor, dst: torch.Tensor, plan: _Plan, steps: tuple[_Step, 
     A comparator sends p·lo + (1-p)·hi to its lower wire and (1-p)·lo + p·hi to the upper one, as
     ``lerp``, which is exact for p in {0, 1} and keeps the relative precision of tiny non-negative
     entries (log P needs them). The 2x2 mix is symmetric, so the same loop runs the transposed
-    network on gradients. ``record[i]`` receives lower-minus-upper of layer i's inputs; with ``grads``
-    (backward), ``grads[i]`` accumulates sum over rows of (lo - hi)·record[i].
+    network on gradients. ``record[i]`` receives lower-minus-upper of layer i's inputs; with
+    ``grads = (totals, recorded)`` (backward, layers in reverse), ``totals[i]`` accumulates the sum over
+    rows of (lo - hi) of the incoming gradient times ``recorded[i]``: the gradient of layer i's p.
     Returns (buffer holding the result, the other buffer).
     """
     for i in order:
