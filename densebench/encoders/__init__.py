@@ -88,7 +88,7 @@ def load_encoder(model: str, *, weights: str | Path | None = None, layer: int = 
         return load_hf(rest, name=model, **common)
     if sep and scheme == "neco":
         _no_weights(model, weights)
-        return _load_neco(rest, name=model, pos_interp=pos_interp or "timm", **common)
+        return _load_neco(rest, name=model, pos_interp=pos_interp, **common)
     if model in REGISTRY:
         return _load_registry(REGISTRY[model], weights=weights, model_kwargs=model_kwargs,
                               pos_interp=pos_interp, **common)
@@ -182,8 +182,12 @@ def _neco_paths(spec: str) -> tuple[Path, Path]:
     return Path(f"{path}.safetensors"), Path(f"{path}.json")
 
 
-def _load_neco(spec: str, *, name: str, pos_interp: str, layer: int, norm: bool) -> TimmEncoder:
-    """A neco_train checkpoint, loaded strictly: timm keys exactly, no conversion, no prefix stripping."""
+def _load_neco(spec: str, *, name: str, pos_interp: str | None, layer: int, norm: bool) -> TimmEncoder:
+    """A neco_train checkpoint, loaded strictly: timm keys exactly, no conversion, no prefix stripping.
+
+    The pos-embed resampling defaults to the one recorded in the sidecar (the training-time mode), so
+    features at non-native sizes match what the student saw during training.
+    """
     weights_path, sidecar = _neco_paths(spec)
     for p in (weights_path, sidecar):
         if not p.is_file():
@@ -198,6 +202,7 @@ def _load_neco(spec: str, *, name: str, pos_interp: str, layer: int, norm: bool)
         raise ModelError(f"NeCo sidecar {sidecar} has format {found!r}; expected {NECO_FORMAT!r}",
                          hint="write it with neco_train, or load the weights with timm:<arch> --weights")
     arch, kwargs = meta.get("arch"), meta.get("model_kwargs", {})
+    pos_interp = pos_interp or meta.get("pos_interp") or "timm"
     if not isinstance(arch, str) or not isinstance(kwargs, dict):
         raise ModelError(f"NeCo sidecar {sidecar} needs a string 'arch' and an object 'model_kwargs'")
     from .convert import read_checkpoint
