@@ -70,7 +70,7 @@ def test_auto_matching_follows_the_reference_code():
 def test_nearest_upsampling_is_torch_interpolate(s, m):
     g = torch.Generator().manual_seed(s * m)
     maps = torch.randint(0, 600, (3, s, s), generator=g)
-    expect = F.interpolate(maps[:, None].double(), size=(m, m), mode="nearest")[:, 0].long()
+    expect = F.interpolate(maps[:, None].float(), size=(m, m), mode="nearest")[:, 0].long()   # the reference's call
     assert torch.equal(upsample_nearest(maps, m), expect)
     assert nearest_source_index(s, m).max() < s
 

@@ -129,7 +129,7 @@ def nearest_source_index(in_size: int, out_size: int) -> torch.Tensor:
     """For each of ``out_size`` output positions, the input position ``F.interpolate(mode='nearest')``
     copies (the reference upsamples cluster maps that way, float scale and all); computed once by
     interpolating the index ramp itself, so it is torch's own rule by construction."""
-    ramp = torch.arange(in_size, dtype=torch.float64).view(1, 1, in_size)
+    ramp = torch.arange(in_size, dtype=torch.float32).view(1, 1, in_size)   # float32, as the reference
     return F.interpolate(ramp, size=out_size, mode="nearest").view(out_size).round().long()
 
 
