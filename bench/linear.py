@@ -38,13 +38,19 @@ import torch.nn.functional as F
 
 from densebench.api import build_config
 from densebench.data import open_dataset, splits
-from densebench.data.synth import write_synthetic_suite
+from densebench.data.synth import SCALES, write_synthetic_suite
 from densebench.encoders import load_encoder
 from densebench.features import FeatureCache
-from densebench.metrics import ConfusionMatrix, segmentation_scores
+from densebench.metrics import segmentation_scores
 from densebench.protocols import get_benchmark
-from densebench.protocols.linear import (DEFAULT_TRAIN_VIEWS, epoch_batches, evaluate_head, head_logits,
-                                         make_head, run)
+from densebench.protocols.linear import (
+    DEFAULT_TRAIN_VIEWS,
+    epoch_batches,
+    evaluate_head,
+    head_logits,
+    make_head,
+    run,
+)
 from densebench.transforms import LinearTrainView, ResizeView, normalisation
 
 
@@ -166,6 +172,23 @@ def timing(args, data: Path, tmp: Path) -> dict:
     return out
 
 
+def synthetic_scale(train_scale: int) -> str:
+    """The synthetic suite's default scale, or a variant with ``train_scale`` times more training images.
+
+    Used to see how the gap between cached and fresh views changes with the size of the training split
+    (the published splits are ~200x larger than the synthetic ones). Validation splits stay the same.
+    """
+    if train_scale == 1:
+        return "default"
+    name = f"bench-train-x{train_scale}"
+    base = SCALES["default"]
+    SCALES[name] = {**base, "voc": {"trainaug": base["voc"]["trainaug"] * train_scale, "val": base["voc"]["val"]},
+                    "ade20k": {"training": base["ade20k"]["training"] * train_scale,
+                               "validation": base["ade20k"]["validation"]},
+                    "coco": {"train": base["coco"]["train"] * train_scale, "val": base["coco"]["val"]}}
+    return name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random:vit_small_patch16_224")
@@ -181,6 +204,7 @@ def main() -> None:
     ap.add_argument("--timing-dataset", default="voc")
     ap.add_argument("--skip-views", action="store_true", help="only part B")
     ap.add_argument("--skip-timing", action="store_true", help="only part A")
+    ap.add_argument("--train-scale", type=int, default=1, help="synthetic training splits this many times larger")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "linear.json"))
     args = ap.parse_args()
     args.datasets = [d for d in args.datasets.split(",") if d]
@@ -189,7 +213,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_synthetic_suite(tmp / "data", seed=0)
+        write_synthetic_suite(tmp / "data", seed=0, scale=synthetic_scale(args.train_scale))
         print(f"A. cached views vs fresh views every epoch ({args.model}, input {args.input_size}, "
               f"{args.epochs} epochs, head batch {args.head_batch_size}, lr {args.lr})")
         views = None if args.skip_views else views_table(args, tmp / "data", tmp)

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import open_dataset, splits as dataset_splits
+from ..data import open_dataset
+from ..data import splits as dataset_splits
 from ..errors import ConfigError, DataError, choices_message
 from ..features import ExtractionStats, FeatureCache, extract
 from ..metrics import ConfusionMatrix, iou_per_class, mean_iou, segmentation_scores
@@ -291,8 +292,8 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
                           f"({train.num_classes}/{train.ignore_index} vs {C}/{ignore})")
 
     stats = ExtractionStats()
-    common = dict(cache=cache, device=device, batch_size=config.batch_size, num_workers=config.num_workers,
-                  progress=progress, stats=stats)
+    common = {"cache": cache, "device": device, "batch_size": config.batch_size,
+              "num_workers": config.num_workers, "progress": progress, "stats": stats}
     views = []
     for v in range(config.train_views):
         view = LinearTrainView(config.input_size, config.train_mask_size, seed=config.seed, view=v, mean=mean,
