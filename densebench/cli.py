@@ -9,7 +9,6 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -55,7 +54,7 @@ def _metric_cell(result: dict, key: str) -> str:
     return f"{v:.2f}" if isinstance(v, (int, float)) else "-"
 
 
-def _print_results(rows: list[tuple[str, dict, Optional[Path]]]) -> None:
+def _print_results(rows: list[tuple[str, dict, Path | None]]) -> None:
     from .protocols import get_benchmark
 
     table = Table(title="densebench results", show_lines=False)
@@ -97,28 +96,28 @@ def _print_comparison(results: list[dict]) -> None:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run(
     ctx: typer.Context,
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model string: a registry name "
+    model: str | None = typer.Option(None, "--model", "-m", help="Model string: a registry name "
                                         "(densebench list models), timm:<arch>, hf:<repo>, random:<arch>, pixels, "
                                         "neco:<ckpt>, or pkg.module:factory (runs that code!)."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Local weights (.pth/.ckpt/.safetensors) in "
+    weights: str | None = typer.Option(None, "--weights", help="Local weights (.pth/.ckpt/.safetensors) in "
                                           "timm, Meta DINO/DINOv2 or NeCo format; loaded strictly."),
-    benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b", help="Benchmark name or comma list; "
+    benchmark: str | None = typer.Option(None, "--benchmark", "-b", help="Benchmark name or comma list; "
                                             "default: every benchmark whose data is under --data-root."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="A dataset's official folder or a folder "
+    data_root: str | None = typer.Option(None, "--data-root", help="A dataset's official folder or a folder "
                                             "holding several (default $DENSEBENCH_DATA)."),
-    input_size: Optional[int] = typer.Option(None, "--input-size", help="Input side in pixels (default: the "
+    input_size: int | None = typer.Option(None, "--input-size", help="Input side in pixels (default: the "
                                              "protocol's published size)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward batch."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Protocol seed (augmentations, sampling)."),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="DataLoader workers."),
-    layer: Optional[int] = typer.Option(None, "--layer", help="Block whose output is used (negative from the end; "
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward batch."),
+    seed: int | None = typer.Option(None, "--seed", help="Protocol seed (augmentations, sampling)."),
+    num_workers: int | None = typer.Option(None, "--num-workers", help="DataLoader workers."),
+    layer: int | None = typer.Option(None, "--layer", help="Block whose output is used (negative from the end; "
                                         "default -1)."),
-    feature_norm: Optional[str] = typer.Option(None, "--feature-norm", help="on/off: apply the final norm "
+    feature_norm: str | None = typer.Option(None, "--feature-norm", help="on/off: apply the final norm "
                                                "(default: the protocol's published choice)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Result .json (one benchmark) or directory."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Result .json (one benchmark) or directory."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing result files."),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Feature cache (default $DENSEBENCH_CACHE "
+    cache_dir: str | None = typer.Option(None, "--cache-dir", help="Feature cache (default $DENSEBENCH_CACHE "
                                             "or the user cache dir)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -221,7 +220,7 @@ def list_benchmarks(options: bool = typer.Option(False, "--options", help="Show 
 
 @data_app.command("verify")
 def data_verify(name: str = typer.Argument(..., help="voc, ade20k, coco-things, coco-stuff or spair"),
-                root: Optional[str] = typer.Option(None, "--root", help="Dataset folder or data home "
+                root: str | None = typer.Option(None, "--root", help="Dataset folder or data home "
                                                    "(default $DENSEBENCH_DATA).")) -> None:
     """Check a dataset folder: layout, counts, label ranges, image/mask sizes. Exit 1 if problems are found."""
     from .data import FAMILIES
@@ -251,7 +250,7 @@ def data_verify(name: str = typer.Argument(..., help="voc, ade20k, coco-things, 
 
 @data_app.command("prepare")
 def data_prepare(name: str = typer.Argument(..., help="voc, ade20k, coco-things, coco-stuff or spair"),
-                 root: Optional[str] = typer.Option(None, "--root", help="For COCO: the COCO root (or data home) "
+                 root: str | None = typer.Option(None, "--root", help="For COCO: the COCO root (or data home) "
                                                     "whose train2017/val2017 folders define the split lists.")) -> None:
     """Print the official archives (URLs, checksums) and the steps that build the expected layout.
 

@@ -77,7 +77,7 @@ class FeatureCache:
                 out[name] = np.memmap(d / f"{name}.bin", dtype=info["dtype"], mode="r", shape=shape)
         return out
 
-    def writer(self, key: str, parts: dict[str, Any]) -> "CacheWriter":
+    def writer(self, key: str, parts: dict[str, Any]) -> CacheWriter:
         return CacheWriter(self, key, parts)
 
     def size_bytes(self) -> int:
@@ -178,7 +178,7 @@ class ExtractionStats:
     cache_misses: int = 0
     entries: list[str] = field(default_factory=list)
 
-    def add(self, other: "ExtractionStats") -> None:
+    def add(self, other: ExtractionStats) -> None:
         self.forward_s += other.forward_s
         self.extraction_s += other.extraction_s
         self.images_forwarded += other.images_forwarded

@@ -4,7 +4,7 @@ import os
 os.environ.setdefault("DENSEBENCH_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from densebench.protocols.incontext import patch_label_counts, rarity_sample, transfer_labels
-from densebench.transforms import HummingbirdTrainView, ResizeView, random_resized_crop_params, generator_for
+from densebench.transforms import HummingbirdTrainView, ResizeView, generator_for, random_resized_crop_params
 
 
 def test_patch_label_counts_matches_loop():

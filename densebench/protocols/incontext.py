@@ -21,15 +21,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import open_dataset, fraction_list, splits as dataset_splits
+from ..data import fraction_list, open_dataset
+from ..data import splits as dataset_splits
 from ..encoders.base import incontext_input_size
 from ..errors import ConfigError, choices_message
 from ..features import ExtractionStats, FeatureCache, extract
 from ..metrics import ConfusionMatrix, segmentation_scores
 from ..progress import progress_bar
-from ..results import make_result
 from ..retrieval import build_index
 from ..transforms import HummingbirdTrainView, ResizeView, generator_for, normalisation
+from .common import train_val_result
 
 #: Config fields that do not change the measured numbers (ignored when comparing to the canonical config).
 NON_SEMANTIC_FIELDS = {"batch_size", "num_workers", "device", "query_chunk"}
@@ -274,14 +275,7 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
     resolved["retrieval"] = index.describe()
     # Exact backends give the same neighbours; only an approximate index changes what is measured.
     resolved["backend"] = "exact" if resolved["retrieval"].get("exact") else config.backend
-    timings = {"extraction_s": stats.extraction_s, "forward_s": stats.forward_s,
-               "protocol_s": t_done - t_extracted, "total_s": time.perf_counter() - t_start}
-    return make_result(
-        benchmark=benchmark or f"{config.dataset}-incontext", model=encoder.describe(), config=resolved,
-        metrics=metrics, device=str(device), seeds={"protocol": config.seed},
-        timings=timings,
-        dataset={"name": config.dataset, "manifest_hash": val.manifest_hash(), "train_manifest_hash": train.manifest_hash(),
-                 "synthetic": bool(val.synthetic), "n_train": len(train), "n_val": n_val,
-                 "train_split": train.split, "val_split": val.split},
-        cache={**stats.as_dict(), "enabled": bool(cache and cache.enabled)},
-    )
+    return train_val_result(benchmark=benchmark or f"{config.dataset}-incontext", dataset_name=config.dataset,
+                            encoder=encoder, config=resolved, metrics=metrics, seed=config.seed, device=device,
+                            stats=stats, cache=cache, train=train, val=val, t_start=t_start,
+                            t_extracted=t_extracted, t_done=t_done)

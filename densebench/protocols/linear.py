@@ -44,9 +44,9 @@ from ..errors import ConfigError, DataError, choices_message
 from ..features import ExtractionStats, FeatureCache, extract
 from ..metrics import ConfusionMatrix, iou_per_class, mean_iou, segmentation_scores
 from ..progress import progress_bar
-from ..results import make_result
 from ..transforms import LinearTrainView, ResizeView, normalisation
 from . import Benchmark, register
+from .common import train_val_result
 
 #: Config fields that do not change the measured numbers (beyond float rounding for ``upsample``).
 NON_SEMANTIC_FIELDS = {"batch_size", "num_workers", "upsample", "eval_chunk"}
@@ -337,18 +337,11 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
                                "i.e. model selection on the evaluation set" if config.select_on_val
                                else "the last epoch (no model selection on val)"),
         })
-    timings = {"extraction_s": stats.extraction_s, "forward_s": stats.forward_s,
-               "protocol_s": t_done - t_extracted, "total_s": time.perf_counter() - t_start}
-    return make_result(
-        benchmark=benchmark or f"{config.dataset}-linear", model=encoder.describe(), config=resolved,
-        metrics=metrics, device=str(device), seeds={"protocol": config.seed},
-        timings=timings,
-        dataset={"name": config.dataset, "manifest_hash": val.manifest_hash(),
-                 "train_manifest_hash": train.manifest_hash(), "synthetic": bool(val.synthetic),
-                 "n_train": len(train), "n_val": len(val), "train_split": train.split, "val_split": val.split,
-                 "train_id_source": train.extra.get("id_source")},
-        cache={**stats.as_dict(), "enabled": bool(cache and cache.enabled)},
-    )
+    return train_val_result(benchmark=benchmark or f"{config.dataset}-linear", dataset_name=config.dataset,
+                            encoder=encoder, config=resolved, metrics=metrics, seed=config.seed, device=device,
+                            stats=stats, cache=cache, train=train, val=val, t_start=t_start,
+                            t_extracted=t_extracted, t_done=t_done,
+                            dataset_extra={"train_id_source": train.extra.get("id_source")})
 
 
 #: The embedded default's settings on the synthetic suite (seconds on a CPU). Its splits hold 48 training
