@@ -91,8 +91,8 @@ def read_checkpoint(path: str | Path) -> Any:
         raise ModelError(
             f"weights file {path} cannot be read with torch.load(weights_only=True): {text}",
             hint="if it stores Python objects besides tensors (e.g. a Lightning checkpoint's hyper-parameters), "
-                 "extract the state dict once in a trusted session: "
-                 "torch.save(torch.load(PATH, weights_only=False)['state_dict'], 'weights.pth')") from e
+                 "extract its state dict once, in a Python session you trust (unpickling runs code), and save "
+                 "that dict alone with torch.save (or safetensors)") from e
 
 
 def _is_state_dict(obj: Any) -> bool:
