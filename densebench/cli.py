@@ -67,6 +67,9 @@ def _print_results(rows: list[tuple[str, dict, Path | None]]) -> None:
                       str(cache.get("images_forwarded", "-")),
                       f"{result['provenance']['timings']['total_s']:.1f}", str(path) if path else "-")
     out.print(table)
+    folders = sorted({str(Path(p).parent) for _, _, p in rows if p})
+    if folders and len(folders) <= 3:
+        out.print("results written to " + ", ".join(f"[bold]{f}/[/]" for f in folders))
 
 
 def _print_comparison(results: list[dict]) -> None:
@@ -149,6 +152,9 @@ def run(
         _print_comparison(results)
         out.print(f"results written under [bold]{run_dir}[/]")
         return
+    if output is None:  # results are data: never only printed
+        import datetime as _dt
+        output = Path("densebench-results") / api.model_slug(model) / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     rows = []
     opts = {**common, **extra}
     if norm is not None:

@@ -160,3 +160,13 @@ def test_list_commands(capsys):
     assert code == 0 and "voc-incontext" in out and "--memory-size" in out
     code, out, _ = run_cli(["list", "models"], capsys)
     assert code == 0 and "dinov2_vits14" in out
+
+
+def test_run_without_output_writes_under_densebench_results(synth_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["run", "--model", "pixels", "--benchmark", "voc-incontext", "--data-root",
+                              str(synth_root), *SMALL], capsys)
+    assert code == 0, err
+    written = list((tmp_path / "densebench-results" / "pixels").glob("*/voc-incontext.json"))
+    assert len(written) == 1
+    assert read_result(written[0])["benchmark"] == "voc-incontext"
