@@ -55,3 +55,15 @@ def test_memory_size_splits_over_views_and_clamps(synth_root):
     huge = evaluate(enc, benchmarks=["voc-incontext"], data_root=synth_root, use_cache=False, progress=False,
                     memory_size=10**9, **OPTS)[0]["config"]
     assert huge["memory_per_image"] == (128 // 16) ** 2 and huge["memory_per_image_clamped"]
+
+
+def test_save_predictions_writes_pictures_recorded_as_artifacts(synth_root, tmp_path):
+    from PIL import Image
+
+    res = evaluate(load_encoder("pixels"), benchmarks=["voc-incontext"], data_root=synth_root, use_cache=False,
+                   progress=False, save_predictions=str(tmp_path / "pics"), save_predictions_count=3, **OPTS)[0]
+    paths = res["provenance"]["artifacts"]
+    assert len(paths) == 3 and all(p.endswith(".png") for p in paths)
+    im = Image.open(paths[0])
+    assert im.width > 2.5 * (im.height - 14)  # image | ground truth | prediction side by side
+    assert "save_predictions" in res["config"]

@@ -16,6 +16,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +34,8 @@ from ..transforms import HummingbirdTrainView, ResizeView, generator_for, normal
 from .common import train_val_result
 
 #: Config fields that do not change the measured numbers (ignored when comparing to the canonical config).
-NON_SEMANTIC_FIELDS = {"batch_size", "num_workers", "device", "query_chunk"}
+NON_SEMANTIC_FIELDS = {"batch_size", "num_workers", "device", "query_chunk", "save_predictions",
+                       "save_predictions_count"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class Config:
     batch_size: int = 16
     num_workers: int = 0
     query_chunk: int = 0                   # val images per retrieval chunk; 0 = sized automatically
+    save_predictions: str | None = None    # folder for PNGs: image | ground truth | prediction
+    save_predictions_count: int = 8        # how many val images (the first ones) to draw
 
     def validate(self) -> None:
         if self.augment_epochs < 0:
@@ -70,6 +74,8 @@ class Config:
             raise ConfigError(choices_message("--train-fraction", self.train_fraction, [128, 64, 8]))
         if self.train_fraction is not None and self.train_list is not None:
             raise ConfigError("give either --train-list or --train-fraction, not both")
+        if self.save_predictions_count < 0:
+            raise ConfigError(f"--save-predictions-count must be >= 0, got {self.save_predictions_count}")
         if self.input_size is not None and self.input_size < 1:
             raise ConfigError(f"--input-size must be positive, got {self.input_size}")
 
@@ -236,6 +242,8 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
     conf = ConfusionMatrix(C, ignore_index=ignore, device=str(dev))
     n_val = len(val)
     chunk = config.query_chunk or max(1, int(64e6 // (C * input_size * input_size)))
+    n_draw = min(config.save_predictions_count, n_val) if config.save_predictions else 0
+    drawn: list[np.ndarray] = []
     with progress_bar("retrieval", total=n_val, enabled=progress) as advance:
         for start in range(0, n_val, chunk):
             stop = min(n_val, start + chunk)
@@ -251,8 +259,18 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
             pred = scores.argmax(1)
             gt = torch.from_numpy(np.array(q["masks"][start:stop])).to(dev)
             conf.update(pred, gt)
+            if start < n_draw:
+                drawn.append(pred[: n_draw - start].to(torch.uint8).cpu().numpy())
             advance(b)
     t_done = time.perf_counter()
+    artifacts = None
+    if n_draw:
+        from ..pictures import render_label_panels
+
+        images = [(val.ids[i], val[i][1]) for i in range(n_draw)]
+        artifacts = render_label_panels(Path(config.save_predictions), benchmark or f"{config.dataset}-incontext",
+                                        images, np.asarray(q["masks"][:n_draw]),
+                                        [("prediction", np.concatenate(drawn))], ignore)
 
     names = val.class_names
     hung = segmentation_scores(conf.matrix, matching="hungarian", class_names=names)
@@ -278,4 +296,4 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
     return train_val_result(benchmark=benchmark or f"{config.dataset}-incontext", dataset_name=config.dataset,
                             encoder=encoder, config=resolved, metrics=metrics, seed=config.seed, device=device,
                             stats=stats, cache=cache, train=train, val=val, t_start=t_start,
-                            t_extracted=t_extracted, t_done=t_done)
+                            t_extracted=t_extracted, t_done=t_done, artifacts=artifacts)

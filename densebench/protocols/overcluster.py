@@ -19,7 +19,6 @@ What is done differently, and why it does not change the numbers:
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 from ..data import open_dataset
 from ..data import splits as dataset_splits
@@ -35,6 +33,7 @@ from ..errors import ConfigError, DataError, choices_message
 from ..features import ExtractionStats, FeatureCache, extract
 from ..kmeans import StandardPCA, faiss_gpu_available, faiss_kmeans, fit_standard_pca
 from ..metrics import segmentation_scores
+from ..pictures import render_label_panels
 from ..progress import progress_bar
 from ..results import make_result
 from ..transforms import ResizeView, normalisation
@@ -202,48 +201,6 @@ class TokenPixelCounts:
 # ---------------------------------------------------------------------------------------------------
 # Cluster-map pictures
 
-def _palette() -> np.ndarray:
-    from ..data.voc import voc_palette
-
-    return np.asarray(voc_palette(), dtype=np.uint8).reshape(256, 3)
-
-
-def _safe_name(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_")[:60] or "image"
-
-
-def render_cluster_maps(out_dir: Path, prefix: str, images: list[tuple[str, Image.Image]], masks: np.ndarray,
-                        panels: list[tuple[str, np.ndarray]], ignore_index: int | None, panel: int = 160) -> list[str]:
-    """One PNG per image: image | ground truth | one matched cluster map per entry of ``panels``.
-
-    ``masks`` (n, M, M) are the scored label maps; ``panels`` are (caption, (n, M, M) class maps). Pixels
-    the metric ignores are drawn in the ignore colour in every map. Returns the written paths.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pal = _palette()
-    head = 14
-    paths = []
-    captions = ["image", "ground truth"] + [c for c, _ in panels]
-    for i, (id_, image) in enumerate(images):
-        tiles = [np.asarray(image.convert("RGB").resize((panel, panel), Image.BILINEAR))]
-        gt = masks[i]
-        ignored = gt == ignore_index if ignore_index is not None else np.zeros_like(gt, dtype=bool)
-        for m in [gt] + [maps[i] for _, maps in panels]:
-            m = np.where(ignored, ignore_index, m) if ignore_index is not None else m
-            rgb = pal[np.asarray(m, dtype=np.int64) % 256]
-            tiles.append(np.asarray(Image.fromarray(rgb).resize((panel, panel), Image.NEAREST)))
-        canvas = Image.new("RGB", (panel * len(tiles) + 2 * (len(tiles) - 1), panel + head), "white")
-        draw = ImageDraw.Draw(canvas)
-        for j, (tile, cap) in enumerate(zip(tiles, captions)):
-            x = j * (panel + 2)
-            canvas.paste(Image.fromarray(tile), (x, head))
-            draw.text((x + 2, 1), cap, fill="black")
-        path = out_dir / f"{prefix}_{i:03d}_{_safe_name(id_)}.png"
-        canvas.save(path)
-        paths.append(str(path.resolve()))
-    return paths
-
-
 # ---------------------------------------------------------------------------------------------------
 
 def check_cluster_counts(ks: list[tuple[str, int]], n_tokens: int, where: str) -> None:
@@ -372,7 +329,7 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
             up = upsample_nearest(torch.from_numpy(mapping[lab]), config.mask_size).numpy()
             panels.append((f"K={'gt (' + str(k) + ')' if label == 'gt' else k} {oc.modes[k]}", up))
         images = [val[i][:2] for i in range(n_maps)]
-        artifacts = render_cluster_maps(Path(config.save_maps), benchmark, images, np.asarray(out["masks"][:n_maps]),
+        artifacts = render_label_panels(Path(config.save_maps), benchmark, images, np.asarray(out["masks"][:n_maps]),
                                         panels, ignore)
     t_maps = time.perf_counter()
 
