@@ -203,6 +203,18 @@ class TokenPixelCounts:
 
 # ---------------------------------------------------------------------------------------------------
 
+def downsample_masks(masks: np.ndarray, size: int, chunk: int = 256) -> np.ndarray:
+    """(N, H, W) uint8 label maps -> (N, size, size) by nearest neighbour, chunked over a memory map."""
+    if masks.shape[1:] == (size, size):
+        return np.asarray(masks)
+    out = np.empty((masks.shape[0], size, size), dtype=np.uint8)
+    for start in range(0, masks.shape[0], chunk):
+        block = torch.from_numpy(np.array(masks[start:start + chunk]))
+        out[start:start + chunk] = F.interpolate(block[:, None].float(), size=(size, size),
+                                                 mode="nearest")[:, 0].to(torch.uint8).numpy()
+    return out
+
+
 def check_cluster_counts(ks: list[tuple[str, int]], n_tokens: int, where: str) -> None:
     """Every K must be at most the number of tokens clustered (k-means needs a point per centroid)."""
     too_many = [k for _, k in ks if k > n_tokens]
@@ -310,10 +322,13 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
                          f"{len(val)} images x {s}x{s} tokens at --input-size {config.input_size}")
 
     stats = ExtractionStats()
-    view = ResizeView(config.input_size, mask_size=config.mask_size, mean=mean, std=std)
+    # Masks are stored at the input size (448 -> mask_size in a second nearest step, as the reference does),
+    # so this entry is the same one the linear probe's val set uses: one val pass serves both protocols.
+    view = ResizeView(config.input_size, mean=mean, std=std)
     out = extract(encoder, val, view, key_parts={"view": view.describe(), "reduce": "full-f16"}, cache=cache,
                   device=device, batch_size=config.batch_size, num_workers=config.num_workers,
                   desc="val features", progress=progress, stats=stats)
+    out = {"features": out["features"], "masks": downsample_masks(out["masks"], config.mask_size)}
     t_extracted = time.perf_counter()
     n_maps = min(config.save_maps_count, len(val)) if config.save_maps else 0
     oc = cluster_and_score(out["features"], out["masks"], num_classes=C, ignore_index=ignore,
@@ -340,7 +355,8 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
         tokens_per_image=s * s, num_tokens=len(val) * s * s, num_scored_pixels=oc.num_scored_pixels,
         mean=list(mean), std=list(std), features=oc.pca.describe(), kmeans=oc.kmeans,
         cluster_upsampling=f"nearest {s}x{s} -> {config.mask_size}x{config.mask_size} (torch F.interpolate rule)",
-        mask_resize=f"nearest, original -> {config.mask_size}x{config.mask_size} in one step",
+        mask_resize=f"nearest, original -> {config.input_size}x{config.input_size} -> "
+                    f"{config.mask_size}x{config.mask_size} (two steps, as the reference)",
         metric_notes={
             "miou@<K>": "mean over seeds of the mIoU (pooled over val at the mask size, mean over all "
                         f"{C} classes) after matching_used[K]; _std = population std over seeds (ddof=0)",
