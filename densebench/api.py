@@ -158,7 +158,13 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
     device = resolve_device(device)
     benches = select_benchmarks(benchmarks, root)
     check_options(benches, options)
-    configs = {b.name: build_config(b, options) for b in benches}
+    configs = {}
+    for b in benches:
+        opts = dict(options)
+        # --feature-norm sets the encoder's default and every protocol that has its own published choice.
+        if feature_norm is not None and "feature_norm" in _field_types(type(b.default_config())):
+            opts["feature_norm"] = feature_norm
+        configs[b.name] = build_config(b, opts)
     if isinstance(model, DenseEncoder):
         encoder = model
     else:

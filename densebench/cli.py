@@ -157,8 +157,6 @@ def run(
         output = Path("densebench-results") / api.model_slug(model) / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     rows = []
     opts = {**common, **extra}
-    if norm is not None:
-        opts["feature_norm"] = norm
     api.evaluate(model, weights=weights, benchmarks=benchmark, data_root=data_root, device=device,
                  cache_dir=cache_dir, use_cache=not no_cache, output=output, overwrite=overwrite,
                  progress=not quiet, layer=layer, feature_norm=norm, options=opts,

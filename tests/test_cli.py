@@ -170,3 +170,17 @@ def test_run_without_output_writes_under_densebench_results(synth_root, tmp_path
     written = list((tmp_path / "densebench-results" / "pixels").glob("*/voc-incontext.json"))
     assert len(written) == 1
     assert read_result(written[0])["benchmark"] == "voc-incontext"
+
+
+def test_feature_norm_flag_reaches_encoder_and_protocols(synth_root, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code, _, err = run_cli(["run", "--model", "pixels", "--benchmark", "voc-incontext", "--data-root", str(synth_root),
+                            *SMALL, "--feature-norm", "off", "--output", str(out)], capsys)
+    assert code == 0, err
+    assert read_result(out)["model"]["norm"] is False
+    out2 = tmp_path / "s.json"
+    code, _, err = run_cli(["run", "--model", "pixels", "--benchmark", "spair-correspondence", "--data-root",
+                            str(synth_root), "--input-size", "64", "--quiet", "--feature-norm", "on",
+                            "--output", str(out2)], capsys)
+    assert code == 0, err
+    assert read_result(out2)["config"]["feature_norm"] is True
