@@ -67,13 +67,14 @@ class TrainConfig:
     output: str = "neco-run"
     epochs: int = 25
     batch_size: int = 64
-    global_size: int | None = None
-    local_size: int = 98
-    n_local: int = 4
-    global_scale: tuple[float, float] = (0.25, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.25)
-    min_intersection: float = 0.01
-    photometric: bool = True
+    # crop options exposed on the command line; their published defaults live in CropConfig only
+    global_size: int | None = None           # None: 518 for /14 backbones, 224 for /16
+    local_size: int = CropConfig.local_size
+    n_local: int = CropConfig.n_local
+    global_scale: tuple[float, float] = CropConfig.global_scale
+    local_scale: tuple[float, float] = CropConfig.local_scale
+    min_intersection: float = CropConfig.min_intersection
+    photometric: bool = CropConfig.photometric
     # the method
     roi_size: int = 7
     head_hidden: int = 2048
