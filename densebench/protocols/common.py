@@ -5,8 +5,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..errors import ConfigError
 from ..features import ExtractionStats
 from ..results import make_result
+
+
+def check_input_size(input_size: int, encoder, extra_hint: str = "") -> None:
+    """Refuse an input side that is not a whole number of patches, before any work starts."""
+    p = encoder.patch_size
+    if input_size % p:
+        raise ConfigError(f"--input-size {input_size} is not a multiple of the patch size {p} of {encoder.name}",
+                          hint=f"use e.g. --input-size {max(p, input_size // p * p)}{extra_hint}")
 
 
 def train_val_result(*, benchmark: str, dataset_name: str, encoder, config: dict, metrics: dict, seed: int, device: str,

@@ -42,6 +42,7 @@ from ..progress import progress_bar
 from ..results import make_result
 from ..transforms import SquarePadView, normalisation
 from . import Benchmark, register
+from .common import check_input_size
 
 #: Config fields that do not change the measured numbers.
 NON_SEMANTIC_FIELDS = {"batch_size", "num_workers", "pair_batch", "save_matches", "save_matches_count"}
@@ -379,9 +380,8 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
     config.validate()
     t_start = time.perf_counter()
     p = encoder.patch_size
-    if config.input_size % p and config.patch_padding == "none":
-        raise ConfigError(f"--input-size {config.input_size} is not a multiple of the patch size {p} of {encoder.name}",
-                          hint=f"use --input-size {max(p, config.input_size // p * p)} or --patch-padding symmetric")
+    if config.patch_padding == "none":
+        check_input_size(config.input_size, encoder, " or --patch-padding symmetric")
     mean, std = normalisation("imagenet")
     spair = open_dataset("spair", data_root, config.split,
                          id_list=str(Path(config.pair_list).expanduser()) if config.pair_list else None)

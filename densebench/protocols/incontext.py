@@ -31,7 +31,7 @@ from ..metrics import ConfusionMatrix, segmentation_scores
 from ..progress import progress_bar
 from ..retrieval import build_index
 from ..transforms import HummingbirdTrainView, ResizeView, generator_for, normalisation
-from .common import train_val_result
+from .common import check_input_size, train_val_result
 
 #: Config fields that do not change the measured numbers (ignored when comparing to the canonical config).
 NON_SEMANTIC_FIELDS = {"batch_size", "num_workers", "device", "query_chunk", "save_predictions",
@@ -195,9 +195,7 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
     t_start = time.perf_counter()
     input_size = resolve_input_size(config.input_size, encoder.patch_size)
     p = encoder.patch_size
-    if input_size % p:
-        raise ConfigError(f"--input-size {input_size} is not a multiple of the patch size {p} of {encoder.name}",
-                          hint=f"use e.g. --input-size {max(p, input_size // p * p)}")
+    check_input_size(input_size, encoder)
     mean, std = normalisation(config.normalization)
     train_split, val_split = dataset_splits(config.dataset)
     id_list = config.train_list

@@ -46,7 +46,7 @@ from ..metrics import ConfusionMatrix, iou_per_class, mean_iou, segmentation_sco
 from ..progress import progress_bar
 from ..transforms import LinearTrainView, ResizeView, normalisation
 from . import Benchmark, register
-from .common import train_val_result
+from .common import check_input_size, train_val_result
 
 #: Config fields that do not change the measured numbers (beyond float rounding for ``upsample``).
 NON_SEMANTIC_FIELDS = {"batch_size", "num_workers", "upsample", "eval_chunk"}
@@ -277,9 +277,7 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
     t_start = time.perf_counter()
     p = encoder.patch_size
     eval_size = config.eval_size or config.input_size
-    if config.input_size % p:
-        raise ConfigError(f"--input-size {config.input_size} is not a multiple of the patch size {p} of "
-                          f"{encoder.name}", hint=f"use e.g. --input-size {max(p, config.input_size // p * p)}")
+    check_input_size(config.input_size, encoder)
     mean, std = normalisation(config.normalization, encoder)
     train_split, val_split = dataset_splits(config.dataset)
     train = open_dataset(config.dataset, data_root, train_split, id_list=config.train_list)

@@ -38,6 +38,7 @@ from ..progress import progress_bar
 from ..results import make_result
 from ..transforms import ResizeView, normalisation
 from . import Benchmark, register
+from .common import check_input_size
 
 #: Config fields that do not change the measured numbers.
 NON_SEMANTIC_FIELDS = {"batch_size", "num_workers", "save_maps", "save_maps_count"}
@@ -303,9 +304,7 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
     t_start = time.perf_counter()
     benchmark = benchmark or f"{config.dataset}-overcluster"
     p = encoder.patch_size
-    if config.input_size % p:
-        raise ConfigError(f"--input-size {config.input_size} is not a multiple of the patch size {p} of {encoder.name}",
-                          hint=f"use e.g. --input-size {max(p, config.input_size // p * p)}")
+    check_input_size(config.input_size, encoder)
     mean, std = normalisation(config.normalization, encoder)
     _, val_split = dataset_splits(config.dataset)
     val = open_dataset(config.dataset, data_root, val_split)
