@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -65,6 +67,65 @@ def open_mask(path: Path) -> np.ndarray:
     return arr
 
 
+def _verify_data_default(obj, verify_data: bool | None) -> bool:
+    if verify_data is not None:
+        return bool(verify_data)
+    if getattr(obj, "verify_data", False):
+        return True
+    return os.environ.get("DENSEBENCH_VERIFY_DATA", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _content_digest(path: Path) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.digest()
+
+
+def file_signature(path: str | os.PathLike, verify_data: bool = False) -> bytes:
+    """What one data file contributes to a manifest hash.
+
+    ``b"size:mtime_ns"`` (one stat), or with ``verify_data`` ``b"size:"`` + the BLAKE2b-128 digest of its
+    bytes; ``b"missing"`` when the file does not exist (readers report missing files when they read them).
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return b"missing"
+    if not verify_data:
+        return f"{st.st_size}:{st.st_mtime_ns}".encode()
+    try:
+        return f"{st.st_size}:".encode() + _content_digest(path)
+    except FileNotFoundError:
+        return b"missing"
+
+
+def files_manifest(head: str, items, verify_data: bool = False, workers: int = 8) -> str:
+    """sha256 over ``head`` and, per ``(id, paths)`` item in order, the id and each path's :func:`file_signature`.
+
+    Content hashing (``verify_data``) reads files on ``workers`` threads (hashlib releases the GIL).
+    """
+    items = [(str(id_), [Path(p) for p in paths]) for id_, paths in items]
+    flat = [p for _, paths in items for p in paths]
+    if verify_data and len(flat) > 1 and workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            sigs = list(pool.map(lambda p: file_signature(p, True), flat))
+    else:
+        sigs = [file_signature(p, verify_data) for p in flat]
+    h = hashlib.sha256(head.encode())
+    k = 0
+    for id_, paths in items:
+        h.update(b"\0id\0" + id_.encode())
+        for _ in paths:
+            h.update(b"\0f\0" + sigs[k])
+            k += 1
+    return h.hexdigest()
+
+
 @dataclass
 class SegmentationDataset:
     """A split of a semantic segmentation dataset, indexed by id.
@@ -82,6 +143,8 @@ class SegmentationDataset:
     class_names: list[str]
     synthetic: bool = False
     extra: dict = field(default_factory=dict)
+    #: hash file contents (not size + mtime) in :meth:`manifest_hash`; set per object, e.g. by ``--verify-data``
+    verify_data: ClassVar[bool] = False
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -120,27 +183,41 @@ class SegmentationDataset:
             )
         return id_, image, mask
 
-    def manifest_hash(self) -> str:
-        """Identity of this split for cache keys and results: family, split, ids and file sizes."""
-        h = hashlib.sha256()
-        h.update(f"{self.name}|{self.split}|{self.num_classes}|{self.ignore_index}".encode())
-        for id_ in self.ids:
-            h.update(id_.encode())
-            for p in (self.image_path(id_), self.mask_path(id_)):
-                try:
-                    h.update(str(p.stat().st_size).encode())
-                except FileNotFoundError:
-                    h.update(b"missing")
-        return h.hexdigest()
+    def manifest_hash(self, verify_data: bool | None = None, *, refresh: bool = False) -> str:
+        """Identity of this split for cache keys and results: family, split, ids and every image and mask file.
 
-    def subset(self, ids: list[str]) -> "SegmentationDataset":
+        By default each file enters as its size and ``st_mtime_ns`` (one ``stat`` per file): rewriting a
+        mask, even with the same size, gives a new hash and so new cache entries. With ``verify_data``
+        (argument, else the ``verify_data`` attribute, else ``$DENSEBENCH_VERIFY_DATA``) each file
+        enters as its size and a BLAKE2b digest of its bytes instead: content-addressed, so it catches
+        a change that kept size and mtime (``touch -r``, ``rsync -t``, a restored backup), ignores a
+        mere ``touch``, and costs one full read of the data. The two modes give different hashes.
+
+        Memoised per dataset object (and mode): a run stats the files once however many protocols
+        ask. ``subset`` copies start with an empty memo; ``refresh=True`` re-reads the files.
+        """
+        mode = "content" if _verify_data_default(self, verify_data) else "stat"
+        head = f"{self.name}|{self.split}|{self.num_classes}|{self.ignore_index}|files-{mode}-v2"
+        # what the file paths depend on too: a copy.copy() with another split or root must not reuse the memo
+        ident = (head, type(self).__qualname__, str(self.root), tuple(self.ids))
+        memo = self.__dict__.setdefault("_manifest_memo", {})
+        hit = memo.get(mode)
+        if hit is not None and not refresh and hit[0] == ident:
+            return hit[1]
+        digest = files_manifest(head, [(id_, (self.image_path(id_), self.mask_path(id_))) for id_ in self.ids],
+                                verify_data=mode == "content")
+        memo[mode] = (ident, digest)
+        return digest
+
+    def subset(self, ids: list[str]) -> SegmentationDataset:
         """The same dataset restricted to ``ids`` (e.g. a fraction list); unknown ids are an error."""
         known = set(self.ids)
         missing = [i for i in ids if i not in known]
         if missing:
-            raise DataError(f"{len(missing)} ids of the list are not in {self.name}/{self.split} (first: {missing[:3]})",
-                            hint="check that the list belongs to this dataset and split")
+            raise DataError(f"{len(missing)} ids of the list are not in {self.name}/{self.split} "
+                            f"(first: {missing[:3]})", hint="check that the list belongs to this dataset and split")
         import copy
         out = copy.copy(self)
         out.ids = list(ids)
+        out.__dict__.pop("_manifest_memo", None)  # the parent's memo describes the parent's ids
         return out
