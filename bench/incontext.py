@@ -20,7 +20,7 @@ from pathlib import Path
 from densebench.data.synth import write_synthetic_suite
 from densebench.encoders import load_encoder
 from densebench.features import FeatureCache
-from densebench.protocols import get_benchmark
+from densebench.benchmark_table import get_benchmark
 from densebench.api import build_config
 
 

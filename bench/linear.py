@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from densebench.api import build_config
+from densebench.benchmark_table import get_benchmark
 from densebench.data import open_dataset, splits
 from densebench.data.synth import SCALES, write_synthetic_suite
 from densebench.encoders import load_encoder
 from densebench.features import FeatureCache
 from densebench.metrics import segmentation_scores
-from densebench.protocols import get_benchmark
 from densebench.protocols.linear import (
     DEFAULT_TRAIN_VIEWS,
     epoch_batches,
@@ -147,7 +147,8 @@ def views_table(args, data: Path, tmp: Path) -> dict:
     summary = {n: {"mean_diff_vs_fresh": statistics.mean(d), "std_diff": statistics.pstdev(d),
                    "max_abs_diff": max(abs(x) for x in d)} for n, d in diffs.items()}
     # seed-to-seed spread of the fresh-view probe itself: the noise floor the differences are compared to
-    seed_spread = statistics.mean(statistics.pstdev(rows[d][str(args.epochs)]) for d in rows) if len(args.seeds) > 1 else None
+    seed_spread = (statistics.mean(statistics.pstdev(rows[d][str(args.epochs)]) for d in rows)
+                   if len(args.seeds) > 1 else None)
     return {"miou": rows, "summary": summary, "fresh_views": args.epochs, "seed_spread_fresh": seed_spread}
 
 
@@ -219,7 +220,8 @@ def main() -> None:
         views = None if args.skip_views else views_table(args, tmp / "data", tmp)
         tim = None
         if not args.skip_timing:
-            print(f"\nB. literal published recipe vs cached probe ({args.timing_dataset}, {args.train_views} cached views)")
+            print(f"\nB. literal published recipe vs cached probe ({args.timing_dataset}, "
+                  f"{args.train_views} cached views)")
             tim = timing(args, tmp / "data", tmp)
 
     if views:

@@ -85,8 +85,8 @@ def literal_pair_errors(model, root: Path, pair: dict, size: int, patch: int):
     flat = heat.flatten(1).argmax(1)
     w = heat.shape[-1]
     pred = torch.stack([flat % w, flat // w], 1).float() / w
-    l, u, r, d = pair["trg_bndbox"]
-    thresh_scale = max(r - l, d - u) / max(pair["trg_imsize"][:2])
+    x1, y1, x2, y2 = pair["trg_bndbox"]
+    thresh_scale = max(x2 - x1, y2 - y1) / max(pair["trg_imsize"][:2])
     err = (pred - u_t).norm(dim=1) / thresh_scale
     return err[torch.from_numpy(vis_s & vis_t)]
 

@@ -1,23 +1,22 @@
-"""The Python API the CLI calls: ``evaluate(...)`` -> list of result records. Usable from notebooks."""
+"""The Python API the CLI calls: ``evaluate(...)`` -> list of :class:`~densebench.results.Result`. Usable
+from notebooks (``densebench.evaluate`` is this function)."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
-import re
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
-import torch
 
+from .benchmark_table import BenchmarkSpec, benchmarks, get_benchmark
+from .devices import resolve_device
 from .errors import ConfigError, DataError, ResultError, choices_message
 from .features import FeatureCache
 from .paths import cache_dir as resolve_cache_dir
-from .paths import data_home
-from .protocols import Benchmark, all_benchmarks, get_benchmark
-from .results import write_result
+from .paths import data_home, slug
+from .results import Result, write_result
 
 #: Built-in offline encoders used by the embedded default run.
 DEFAULT_MODELS = ("pixels", "random:vit_small_patch16_224")
@@ -57,25 +56,22 @@ def coerce_option(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def build_config(bench: Benchmark, options: dict[str, Any]):
-    """The benchmark's published config with the options that belong to its protocol applied."""
-    cfg = bench.default_config()
-    hints = _field_types(type(cfg))
+def build_config(bench: BenchmarkSpec, options: dict[str, Any]):
+    """The benchmark's published config with the options that belong to its protocol applied (validated
+    when made: a bad value is refused here, before any data is read)."""
+    hints = _field_types(bench.config_class)
     updates = {k: coerce_option(k, v, hints[k]) for k, v in options.items() if k in hints and v is not None}
     try:
-        cfg = dataclasses.replace(cfg, **updates)
+        return bench.default_config(**updates)
     except TypeError as e:
         raise ConfigError(f"{bench.name}: {e}") from None
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
 
 
-def check_options(benches: list[Benchmark], options: dict[str, Any]) -> None:
+def check_options(benches: list[BenchmarkSpec], options: dict[str, Any]) -> None:
     """Every option must belong to at least one selected protocol; name the accepted ones otherwise."""
     accepted: set[str] = set()
     for b in benches:
-        accepted |= set(_field_types(type(b.default_config())))
+        accepted |= set(_field_types(b.config_class))
     accepted.discard("dataset")
     unknown = [k for k, v in options.items() if v is not None and k not in accepted]
     if unknown:
@@ -84,7 +80,7 @@ def check_options(benches: list[Benchmark], options: dict[str, Any]) -> None:
                                           ["--" + a.replace("_", "-") for a in accepted]))
 
 
-def select_benchmarks(names: list[str] | str | None, data_root: Path) -> list[Benchmark]:
+def select_benchmarks(names: list[str] | str | None, data_root: Path) -> list[BenchmarkSpec]:
     from .data import available
 
     if isinstance(names, str):
@@ -92,7 +88,7 @@ def select_benchmarks(names: list[str] | str | None, data_root: Path) -> list[Be
     if names:
         return [get_benchmark(n) for n in names]
     present = set(available(data_root))
-    chosen = [b for b in all_benchmarks().values() if b.dataset in present]
+    chosen = [b for b in benchmarks() if b.dataset.name in present]
     if not chosen:
         raise DataError(f"no benchmark data found under {data_root}",
                         hint="point --data-root at a dataset's official folder or a folder holding several; "
@@ -100,7 +96,7 @@ def select_benchmarks(names: list[str] | str | None, data_root: Path) -> list[Be
     return chosen
 
 
-def output_paths(output: str | Path | None, benches: list[Benchmark], model_slug: str, *,
+def output_paths(output: str | Path | None, benches: list[BenchmarkSpec], *,
                  overwrite: bool) -> dict[str, Path | None]:
     """Map each benchmark to its result path; refuse existing files before any work starts."""
     if output is None:
@@ -120,25 +116,11 @@ def output_paths(output: str | Path | None, benches: list[Benchmark], model_slug
     return paths
 
 
-def model_slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:80] or "model"
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} requested but CUDA is not available", hint="use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(choices_message("device", device, ["cpu", "cuda", "cuda:N", "auto"]))
-    return device
-
-
 def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str | None = None,
              data_root: str | Path | None = None, device: str = "cpu", cache_dir: str | Path | None = None,
              use_cache: bool = True, output: str | Path | None = None, overwrite: bool = False,
              progress: bool = True, layer: int | None = None, feature_norm: bool | None = None,
-             options: dict[str, Any] | None = None, on_result=None, **more_options: Any) -> list[dict]:
+             options: dict[str, Any] | None = None, on_result=None, **more_options: Any) -> list[Result]:
     """Evaluate one encoder on one or more benchmarks; features are extracted once and shared via the cache.
 
     ``model`` is a model string (see ``densebench list models``) or a DenseEncoder. Protocol options
@@ -162,7 +144,7 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
     for b in benches:
         opts = dict(options)
         # --feature-norm sets the encoder's default and every protocol that has its own published choice.
-        if feature_norm is not None and "feature_norm" in _field_types(type(b.default_config())):
+        if feature_norm is not None and "feature_norm" in _field_types(b.config_class):
             opts["feature_norm"] = feature_norm
         configs[b.name] = build_config(b, opts)
     if isinstance(model, DenseEncoder):
@@ -172,12 +154,11 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
         if feature_norm is not None:
             kw["norm"] = feature_norm
         encoder = load_encoder(model, weights=weights, **kw)
-    paths = output_paths(output, benches, model_slug(encoder.name), overwrite=overwrite)
+    paths = output_paths(output, benches, overwrite=overwrite)
     cache = FeatureCache(resolve_cache_dir(cache_dir) if use_cache else None)
     results = []
     for b in benches:
-        result = b.module().run(encoder, root, configs[b.name], device=device, cache=cache, progress=progress,
-                                benchmark=b.name)
+        result = b.run(encoder, root, configs[b.name], device=device, cache=cache, progress=progress)
         if paths[b.name] is not None:
             write_result(result, paths[b.name], overwrite=overwrite)
         results.append(result)
@@ -188,7 +169,7 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
 
 def embedded_default(out_dir: str | Path = "densebench-results", *, cache_dir: str | Path | None = None,
                      device: str = "cpu", progress: bool = True, models=DEFAULT_MODELS,
-                     on_result=None) -> tuple[Path, list[dict]]:
+                     on_result=None) -> tuple[Path, list[Result]]:
     """`densebench run` with no arguments: every benchmark on the synthetic suite with the offline encoders.
 
     Results go to a fresh timestamped folder under ``out_dir`` so repeated runs never overwrite anything.
@@ -204,10 +185,9 @@ def embedded_default(out_dir: str | Path = "densebench-results", *, cache_dir: s
         n += 1
         run_dir = Path(out_dir) / f"{stamp}-{n}"
     results = []
-    benches = list(all_benchmarks().values())
     for model in models:
-        for b in benches:
+        for b in benchmarks():
             results += evaluate(model, benchmarks=[b.name], data_root=suite, device=device, cache_dir=cache_root,
-                                output=run_dir / model_slug(model) / f"{b.name}.json", progress=progress,
+                                output=run_dir / slug(model) / f"{b.name}.json", progress=progress,
                                 options=dict(b.synthetic), on_result=on_result)
     return run_dir, results

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-import typing
 from pathlib import Path
 
 import typer
@@ -55,7 +54,7 @@ def _metric_cell(result: dict, key: str) -> str:
 
 
 def _print_results(rows: list[tuple[str, dict, Path | None]]) -> None:
-    from .protocols import get_benchmark
+    from .benchmark_table import get_benchmark
 
     table = Table(title="densebench results", show_lines=False)
     for col in ("model", "benchmark", "metric", "value", "forwards", "time (s)", "file"):
@@ -74,7 +73,7 @@ def _print_results(rows: list[tuple[str, dict, Path | None]]) -> None:
 
 def _print_comparison(results: list[dict]) -> None:
     """Benchmarks x models table of the headline metric, best per row in bold."""
-    from .protocols import get_benchmark
+    from .benchmark_table import get_benchmark
 
     models = list(dict.fromkeys(r["model"]["name"] for r in results))
     benches = list(dict.fromkeys(r["benchmark"] for r in results))
@@ -131,6 +130,7 @@ def run(
     (see `densebench list benchmarks --options`).
     """
     from . import api
+    from .paths import slug
 
     extra = parse_extra_options(list(ctx.args))
     norm = None
@@ -154,7 +154,7 @@ def run(
         return
     if output is None:  # results are data: never only printed
         import datetime as _dt
-        output = Path("densebench-results") / api.model_slug(model) / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        output = Path("densebench-results") / slug(model) / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     rows = []
     opts = {**common, **extra}
     api.evaluate(model, weights=weights, benchmarks=benchmark, data_root=data_root, device=device,
@@ -188,37 +188,36 @@ def list_benchmarks(options: bool = typer.Option(False, "--options", help="Show 
     """Benchmarks with their protocol, dataset and published defaults."""
     import dataclasses
 
-    from .protocols import all_benchmarks
+    from .benchmark_table import benchmarks
+    from .results import jsonable
 
-    benches = all_benchmarks()
+    specs = benchmarks()
     if as_json:
-        out.print_json(json.dumps({n: {"protocol": b.protocol, "dataset": b.dataset, "description": b.description,
-                                       "config": dataclasses.asdict(b.default_config())}
-                                   for n, b in benches.items()}, default=str))
+        out.print_json(json.dumps({b.name: {
+            "protocol": b.protocol_name, "dataset": b.dataset.name, "description": b.description,
+            "main_metric": b.main_metric, "headline_metrics": list(b.headline_metrics),
+            "citations": list(b.citations), "config": jsonable(dataclasses.asdict(b.default_config())),
+            "options": [o.as_dict() for o in b.config_class.options()] if options else None}
+            for b in specs}, default=str))
         return
     table = Table(title="benchmarks")
     for col in ("name", "protocol", "dataset", "metric", "description"):
-        table.add_column(col)
-    for n, b in benches.items():
-        table.add_row(n, b.protocol, b.dataset, b.main_metric, b.description)
+        table.add_column(col, no_wrap=col != "description", overflow="fold")
+    for b in specs:
+        table.add_row(b.name, b.protocol_name, b.dataset.name, b.main_metric, b.description)
     out.print(table)
     if options:
         seen = set()
-        for b in benches.values():
-            if b.protocol in seen:
+        for b in specs:
+            if b.protocol_name in seen:
                 continue
-            seen.add(b.protocol)
-            cfg = b.default_config()
-            hints = typing.get_type_hints(type(cfg))
-            t = Table(title=f"{b.protocol} options (published defaults)")
-            t.add_column("option")
-            t.add_column("type")
-            t.add_column("default")
-            for f in dataclasses.fields(cfg):
-                if f.name == "dataset":
-                    continue
-                t.add_row("--" + f.name.replace("_", "-"), str(hints[f.name]).replace("typing.", ""),
-                          repr(getattr(cfg, f.name)))
+            seen.add(b.protocol_name)
+            t = Table(title=f"{b.protocol_name} options (published defaults)")
+            for col in ("option", "default", "accepts", "meaning"):
+                t.add_column(col, no_wrap=col == "option", overflow="fold")
+            for o in b.config_class.options():
+                note = " (does not change the numbers)" if o.non_semantic else ""
+                t.add_row(o.flag, str(o.default), o.accepts or o.type, o.help + note)
             out.print(t)
 
 
@@ -298,17 +297,14 @@ def version() -> None:
     out.print(__version__)
 
 
-def _register_optional() -> None:
-    try:
-        from . import cli_board
-    except ModuleNotFoundError as e:
-        if e.name != "densebench.cli_board":
-            raise
-        return
+def _register_subcommands() -> None:
+    from . import cli_board, cli_cache
+
     cli_board.register(app)
+    cli_cache.register(app)
 
 
-_register_optional()
+_register_subcommands()
 
 
 def main(argv: list[str] | None = None) -> None:

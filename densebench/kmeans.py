@@ -29,6 +29,9 @@ import torch
 
 from .errors import ConfigError
 
+# The one "faiss sees a GPU" check lives with the other faiss probes; re-exported for k-means callers.
+from .retrieval import faiss_gpu_available  # noqa: F401
+
 #: Elements (rows x dims) per chunk when streaming the token matrix (16 MB of float32).
 CHUNK_ELEMENTS = 1 << 22
 
@@ -164,12 +167,6 @@ def fit_standard_pca(x, n_components: int | None, *, standardise: bool = True,
 
 
 # ------------------------------------------------------------------------------------------- k-means
-
-def faiss_gpu_available() -> bool:
-    import faiss
-
-    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-
 
 @dataclass
 class KMeansRun:

@@ -252,7 +252,8 @@ def segmentation_scores(conf: np.ndarray, matching: str = "hungarian",
 PCK_GROUPINGS = ("category", "viewpoint")
 
 
-def _threshold_label(alpha: float) -> str:
+def threshold_label(alpha: float) -> str:
+    """How a PCK threshold appears in metric names: 0.1 -> ``0.10``, 0.125 -> ``0.125``."""
     return f"{alpha:.2f}" if round(alpha, 2) == alpha else f"{alpha:g}"
 
 
@@ -355,14 +356,14 @@ class PCKAccumulator:
         overall = macro(per_cat)
         by_bucket = {b: macro(groups) for b, groups in sorted(per_cat_bucket.items(), key=_by_name)}
         for i, alpha in enumerate(self.thresholds):
-            name = f"pck@{_threshold_label(alpha)}"
+            name = f"pck@{threshold_label(alpha)}"
             out[name] = float(overall[i])
             for b, vals in by_bucket.items():
                 out[f"{name}_vp{b}"] = float(vals[i])
         if "category" in self.by:
             out["per_category"] = {
-                f"pck@{_threshold_label(alpha)}": {str(c): float(row[i] / row[t] * 100.0)
-                                                   for c, row in sorted(per_cat.items(), key=_by_name)}
+                f"pck@{threshold_label(alpha)}": {str(c): float(row[i] / row[t] * 100.0)
+                                                  for c, row in sorted(per_cat.items(), key=_by_name)}
                 for i, alpha in enumerate(self.thresholds)}
             out["num_keypoints"] = {str(c): int(row[t]) for c, row in sorted(per_cat.items(), key=_by_name)}
             out["num_categories"] = len(per_cat)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -56,3 +57,8 @@ def read_id_list(path: str | os.PathLike) -> list[str]:
     if len(set(ids)) != len(ids):
         raise DataError(f"id list {path} contains duplicate ids", hint="remove the repeated lines")
     return ids
+
+
+def slug(text: str, max_len: int = 80) -> str:
+    """A file-name-safe form of ``text``: runs of anything but letters, digits, ``_ . - @`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", text).strip("_")[:max_len] or "_"

@@ -12,13 +12,13 @@ from __future__ import annotations
 import base64
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import leaderboard as lb
 from .errors import ResultError
+from .paths import slug
 from .results import atomic_write_text, canonical_json, config_hash, read_result
 
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
@@ -49,13 +49,10 @@ def _semantic(result: dict) -> tuple[dict, list[str]]:
     """(the config fields that identify the measurement, why it is non-standard). Benchmarks this
     densebench does not know keep their whole config and are reported as unchecked."""
     try:
-        canonical, ignored = lb.canonical_config(result["benchmark"], result["model"])
+        semantic, _, reasons = lb.check_config(result)
     except ResultError:
         return dict(result["config"]), ["benchmark unknown to this densebench (config not checked)"]
-    reasons = lb.config_differences(result["config"], canonical, ignored)
-    if result["provenance"]["dataset"].get("synthetic"):
-        reasons.insert(0, "measured on synthetic data")
-    return lb.semantic_config(result["config"], canonical, ignored), reasons
+    return semantic, reasons
 
 
 def _fmt_value(v) -> str:
@@ -92,10 +89,6 @@ def _metric_names(benchmark: str, items: list[ReportItem]) -> list[str]:
     reported = {k for it in items for k, v in it.result["metrics"].items() if isinstance(v, (int, float))}
     wanted = lb.headline_metrics(benchmark) or sorted(reported)
     return [m for m in wanted if m in reported]
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9@.-]+", "-", text.lower()).strip("-")
 
 
 def _figure(width: float, height: float):
@@ -149,10 +142,11 @@ def fraction_series(items: list[ReportItem]) -> dict[str, list[tuple[float, list
     names: dict[tuple, str] = {}
     for it in items:
         miou = it.result["metrics"].get("miou")
-        if lb.benchmark_family(it.result["benchmark"]) != "incontext" or not isinstance(miou, (int, float)):
+        # Curves exist for protocols whose config selects a training fraction (the in-context protocol).
+        if "train_fraction" not in it.semantic or not isinstance(miou, (int, float)):
             continue
         rest = {k: v for k, v in it.semantic.items() if k not in FRACTION_FIELDS}
-        key = (it.result["model"]["fingerprint"], config_hash(rest))
+        key = (it.result["benchmark"], it.result["model"]["fingerprint"], config_hash(rest))
         curves.setdefault(key, {}).setdefault(fraction_of(it.result["config"]), []).append(float(miou))
         names.setdefault(key, it.result["model"]["name"])
     out = {}
@@ -270,13 +264,13 @@ def write_report(results: Sequence[str | os.PathLike], out: str | os.PathLike, *
         group = [it for it in items if it.result["benchmark"] == bench]
         figs = []
         if _metric_names(bench, group):
-            plots.append(bar_chart(bench, group, out / f"bars-{_slug(bench)}.png"))
+            plots.append(bar_chart(bench, group, out / f"bars-{slug(bench)}.png"))
             figs.append(_figure_html(_data_uri(plots[-1]), f"{bench}: headline metrics per result"))
         series = fraction_series(group)
         if series:
-            plots.append(fraction_plot(bench, series, out / f"fraction-{_slug(bench)}.png"))
+            plots.append(fraction_plot(bench, series, out / f"fraction-{slug(bench)}.png"))
             figs.append(_figure_html(_data_uri(plots[-1]), f"{bench}: mIoU vs training fraction"))
-        sections.append(f'<h2 id="b-{_slug(bench)}">{lb.esc(bench)}</h2>' + "".join(figs))
+        sections.append(f'<h2 id="b-{slug(bench)}">{lb.esc(bench)}</h2>' + "".join(figs))
 
     warnings: list[str] = []
     pictures = []

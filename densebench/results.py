@@ -18,6 +18,8 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,9 @@ import jsonschema
 from . import __version__
 from .errors import ResultError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: The parts of a record its integrity hash covers (everything but the hash and the schema version).
+HASHED_PARTS = ("benchmark", "model", "config", "derived", "provenance", "metrics")
 
 
 def load_schema(name: str = "result.schema.json") -> dict:
@@ -44,18 +48,18 @@ def config_hash(config: dict) -> str:
 
 
 def integrity_hash(result: dict) -> str:
-    body = {k: result[k] for k in ("benchmark", "model", "config", "provenance", "metrics")}
+    body = {k: result[k] for k in HASHED_PARTS}
     return "sha256:" + hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Dataclasses, paths, tuples, numpy scalars -> plain JSON; NaN/inf are refused (they mean a bug)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
+        return jsonable(dataclasses.asdict(obj))
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
@@ -93,9 +97,76 @@ def environment(device: str) -> dict[str, Any]:
     return {"versions": versions, "hardware": hardware}
 
 
+@dataclass(frozen=True)
+class Result(Mapping):
+    """One evaluation of one encoder on one benchmark: what ``run`` and ``densebench.evaluate`` return.
+
+    ``config`` is the resolved protocol Config (automatic fields filled, e.g. ``input_size`` by patch
+    size); ``derived`` holds what the run computed on the way (memory-bank rows, k-means objectives,
+    metric notes); ``metrics`` are in percent. The record reads like its JSON file too
+    (``result["metrics"]["miou"]``), so code written against the files works on the object and back.
+    The JSON Schema is checked whenever a Result is made or read.
+    """
+
+    benchmark: str
+    model: dict
+    config: dict
+    derived: dict
+    provenance: dict
+    metrics: dict
+    integrity: str
+    schema_version: int = SCHEMA_VERSION
+
+    # -- the JSON view -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"schema_version": self.schema_version, "benchmark": self.benchmark, "model": self.model,
+                "config": self.config, "derived": self.derived, "provenance": self.provenance,
+                "metrics": self.metrics, "integrity": self.integrity}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _RESULT_KEYS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self):
+        return iter(_RESULT_KEYS)
+
+    def __len__(self) -> int:
+        return len(_RESULT_KEYS)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any, *, check_integrity: bool = True, source: str = "result") -> Result:
+        """Validate a JSON record (schema, then integrity) and wrap it."""
+        validate_result(data, check_integrity=check_integrity, source=source)
+        return cls(**{k: data[k] for k in _RESULT_KEYS})
+
+    # -- conveniences --------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.model["name"]
+
+    @property
+    def main_score(self) -> float | None:
+        """The benchmark's main metric (None when the benchmark is unknown to this densebench)."""
+        from .benchmark_table import find_benchmark
+
+        spec = find_benchmark(self.benchmark)
+        value = self.metrics.get(spec.main_metric) if spec else None
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def scalar_metrics(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.metrics.items() if isinstance(v, (int, float))}
+
+
+_RESULT_KEYS = ("schema_version", "benchmark", "model", "config", "derived", "provenance", "metrics", "integrity")
+
+
 def make_result(*, benchmark: str, model: dict, config: Any, metrics: dict, device: str, seeds: dict,
-                timings: dict, dataset: dict, cache: dict | None = None,
-                artifacts: list[str] | None = None) -> dict:
+                timings: dict, dataset: dict, derived: dict | None = None, cache: dict | None = None,
+                artifacts: list[str] | None = None) -> Result:
     """Assemble, hash and validate a result record.
 
     ``artifacts``: paths of files the run wrote besides the result (pictures), kept in provenance so
@@ -105,9 +176,10 @@ def make_result(*, benchmark: str, model: dict, config: Any, metrics: dict, devi
     result = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": benchmark,
-        "model": _jsonable(model),
-        "config": _jsonable(config),
-        "provenance": _jsonable({
+        "model": jsonable(model),
+        "config": jsonable(config),
+        "derived": jsonable(derived or {}),
+        "provenance": jsonable({
             "densebench_version": __version__,
             "git_hash": git_hash(),
             "versions": env["versions"],
@@ -121,15 +193,16 @@ def make_result(*, benchmark: str, model: dict, config: Any, metrics: dict, devi
             "cache": cache or {},
             **({"artifacts": [str(a) for a in artifacts]} if artifacts else {}),
         }),
-        "metrics": _jsonable(metrics),
+        "metrics": jsonable(metrics),
     }
     result["integrity"] = integrity_hash(result)
-    validate_result(result)
-    return result
+    return Result.from_dict(result)
 
 
-def validate_result(result: dict, *, check_integrity: bool = True, source: str = "result") -> None:
+def validate_result(result: Any, *, check_integrity: bool = True, source: str = "result") -> None:
     """Schema check (+ integrity check); raises ResultError naming the first problem."""
+    if isinstance(result, Result):
+        result = result.to_dict()
     if not isinstance(result, dict):
         raise ResultError(f"{source} is not a JSON object")
     version = result.get("schema_version")
@@ -165,16 +238,16 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def write_result(result: dict, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def write_result(result: Result | dict, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
         raise ResultError(f"{path} already exists", hint="choose another --output or pass --overwrite")
-    validate_result(result)
-    atomic_write_text(path, json.dumps(result, indent=2, sort_keys=False) + "\n")
+    record = result if isinstance(result, Result) else Result.from_dict(result)
+    atomic_write_text(path, record.to_json())
     return path
 
 
-def read_result(path: str | os.PathLike, *, check_integrity: bool = True) -> dict:
+def read_result(path: str | os.PathLike, *, check_integrity: bool = True) -> Result:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -182,5 +255,4 @@ def read_result(path: str | os.PathLike, *, check_integrity: bool = True) -> dic
         raise ResultError(f"result file {path} does not exist") from None
     except json.JSONDecodeError as e:
         raise ResultError(f"result file {path} is not valid JSON ({e})") from None
-    validate_result(data, check_integrity=check_integrity, source=str(path))
-    return data
+    return Result.from_dict(data, check_integrity=check_integrity, source=str(path))

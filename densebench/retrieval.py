@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .devices import resolve_device
 from .errors import ConfigError, choices_message
 
 BACKENDS = ("auto", "torch", "faiss", "faiss-ivf")
@@ -190,7 +191,7 @@ class FaissIndex(Index):
         self.nlist = self.nprobe = None
         self._gpu_res = None
         if device.type == "cuda":
-            if not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
+            if not faiss_gpu_available():
                 raise ConfigError("retrieval on CUDA with faiss needs faiss-gpu, but the installed faiss "
                                   "has no GPU support",
                                   hint="pip uninstall faiss-cpu && pip install faiss-gpu, or use the torch "
@@ -263,18 +264,6 @@ def _ivf_params(n: int, nlist: int | None, nprobe: int | None) -> tuple[int, int
     return int(nlist), int(nprobe)
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"unknown device {device!r}", hint="use cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available", hint="use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"retrieval runs on cpu or cuda, got device {device!r}")
-    return dev
-
-
 def build_index(keys: torch.Tensor | np.ndarray, backend: str = "auto", device: str | torch.device = "cpu",
                 nlist: int | None = None, nprobe: int | None = None, *, fp16: bool | None = None,
                 query_chunk: int | None = None, key_chunk: int | None = None) -> Index:
@@ -295,7 +284,7 @@ def build_index(keys: torch.Tensor | np.ndarray, backend: str = "auto", device: 
                           hint="check the training split / fraction list and the memory size")
     if (nlist is not None or nprobe is not None) and backend != "faiss-ivf":
         raise ConfigError(f"nlist/nprobe only apply to the faiss-ivf backend, not {backend!r}")
-    dev = _resolve_device(device)
+    dev = torch.device(resolve_device(str(device)))
     requested = backend
     if backend == "auto":
         if dev.type == "cuda":

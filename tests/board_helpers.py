@@ -10,8 +10,10 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
-from densebench.protocols import BENCHMARKS, Benchmark
-from densebench.results import integrity_hash, validate_result
+from densebench import benchmark_table
+from densebench.benchmark_table import BenchmarkSpec, BenchmarkTable
+from densebench.data.families import VOC
+from densebench.results import SCHEMA_VERSION, integrity_hash, validate_result
 
 TOY_MODULE = "densebench.protocols.toyproto"
 
@@ -37,18 +39,20 @@ def install_toy_benchmarks(monkeypatch) -> None:
     """Register toy-linear and toy-incontext, backed by a protocol module that exists only in memory."""
     module = types.ModuleType(TOY_MODULE)
     module.Config = ToyConfig
-    module.NON_SEMANTIC_FIELDS = {"batch_size", "num_workers"}
     module.resolve_canonical = _resolve_canonical
     monkeypatch.setitem(sys.modules, TOY_MODULE, module)
-    for name in ("toy-linear", "toy-incontext"):
-        monkeypatch.setitem(BENCHMARKS, name, Benchmark(name, "toyproto", "voc", "toy benchmark for tests"))
+    toys = [BenchmarkSpec(name=name, protocol=module, dataset=VOC, description="toy benchmark for tests",
+                          main_metric="miou", headline_metrics=("miou",), citations=(),
+                          non_semantic_fields=frozenset({"batch_size", "num_workers"}),
+                          resolve_canonical=_resolve_canonical)
+            for name in ("toy-linear", "toy-incontext")]
+    monkeypatch.setattr(benchmark_table, "BENCHMARKS", BenchmarkTable([*benchmark_table.benchmarks(), *toys]))
 
 
 def canonical_toy_config(patch_size: int = 16, **changes) -> dict:
     config = dataclasses.asdict(ToyConfig())
     config = _resolve_canonical(config, {"patch_size": patch_size})
     config.update(changes)
-    config.setdefault("memory_rows", 123)           # a derived field, as real protocols record
     return config
 
 
@@ -70,10 +74,11 @@ def make_result(*, model: str = "enc-a", fp: str | None = None, benchmark: str =
     if artifacts is not None:
         provenance["artifacts"] = artifacts
     result = {
-        "schema_version": 1, "benchmark": benchmark,
+        "schema_version": SCHEMA_VERSION, "benchmark": benchmark,
         "model": {"name": model, "fingerprint": fp or fingerprint(model), "patch_size": patch_size,
                   "embed_dim": 384, "n_parameters": 21_665_664},
         "config": config if config is not None else canonical_toy_config(patch_size),
+        "derived": {"memory_rows": 123},
         "provenance": provenance,
         "metrics": metrics if metrics is not None else {"miou": 50.0, "miou_identity": 49.0,
                                                          "per_class_iou": {"background": 80.0, "cat": 20.0}},

@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 from board_helpers import canonical_toy_config, install_toy_benchmarks, make_result, write
 
+import densebench
 from densebench import leaderboard as lb
 from densebench import report
 
-SHIPPED = Path(lb.__file__).resolve().parents[1] / "leaderboards" / "dense-ssl.json"
+SHIPPED = Path(densebench.__file__).resolve().parents[1] / "leaderboards" / "dense-ssl.json"
 
 
 def _find_chromium() -> str | None:
@@ -179,7 +180,8 @@ def _assert_clean(browser: DevTools) -> None:
 def _column(browser: DevTools, table: str, index: int) -> list[float | None]:
     """The data-value of column ``index`` for every body row, in DOM order (None = empty cell)."""
     return browser.js(f"Array.from(document.querySelectorAll('#{table} tbody tr')).map(tr => {{ "
-                      f"const v = tr.cells[{index}].getAttribute('data-value'); return v === null ? null : parseFloat(v); }})")
+                      f"const v = tr.cells[{index}].getAttribute('data-value'); "
+                      "return v === null ? null : parseFloat(v); })")
 
 
 def _sorted_like(values: list, descending: bool) -> bool:
@@ -224,7 +226,8 @@ def test_leaderboard_page_loads_shows_every_entry_and_sorts(monkeypatch, tmp_pat
 
     # A text column sorts alphabetically.
     browser.click("#board thead th:first-child")
-    names = browser.js("Array.from(document.querySelectorAll('#board tbody tr')).map(tr => tr.cells[0].textContent.trim().toLowerCase())")
+    names = browser.js("Array.from(document.querySelectorAll('#board tbody tr'))"
+                       ".map(tr => tr.cells[0].textContent.trim().toLowerCase())")
     assert names == sorted(names)
 
     # Filters: source, then benchmark (hides other benchmark columns and rows without a value).
@@ -236,7 +239,8 @@ def test_leaderboard_page_loads_shows_every_entry_and_sorts(monkeypatch, tmp_pat
     browser.js("(() => { const s = document.getElementById('f-board-source'); s.value = ''; "
                "s.dispatchEvent(new Event('change')); const b = document.getElementById('f-board-benchmark'); "
                "b.value = 'voc-linear'; b.dispatchEvent(new Event('change')); })()")
-    visible_rows = browser.js("Array.from(document.querySelectorAll('#board tbody tr')).filter(tr => !tr.hidden).length")
+    visible_rows = browser.js("Array.from(document.querySelectorAll('#board tbody tr'))"
+                              ".filter(tr => !tr.hidden).length")
     expected = sum(1 for r in view.rows if any(c.benchmark == "voc-linear" for c in r.cells))
     assert visible_rows == expected
     shown_benches = browser.js("Array.from(document.querySelectorAll('#board thead th[data-bench]'))"
@@ -266,7 +270,8 @@ def test_report_page_loads_with_its_images_and_sorts(monkeypatch, tmp_path, brow
     images = browser.js("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
     assert len(images) == len(summary.plots) + 1
     assert all(done and width > 0 for done, width in images)
-    idx = browser.js("Array.from(document.querySelectorAll('#results thead th')).findIndex(th => th.textContent === 'miou')")
+    idx = browser.js("Array.from(document.querySelectorAll('#results thead th'))"
+                     ".findIndex(th => th.textContent === 'miou')")
     browser.click(f"#results thead th:nth-child({idx + 1})")
     values = _column(browser, "results", idx)
     assert values == sorted(values, reverse=True) == [64.0, 40.0, 31.0, 30.0, 20.0, 12.5]

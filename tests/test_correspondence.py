@@ -19,10 +19,12 @@ from PIL import Image
 from densebench.encoders.base import IMAGENET_MEAN, IMAGENET_STD, DenseEncoder
 from densebench.errors import ConfigError, DataError
 from densebench.features import FeatureCache
+from densebench.options import non_semantic_fields
 from densebench.protocols.correspondence import (
     Config,
     Geometry,
     match_keypoints,
+    resolve_canonical,
     run,
     select_pairs,
     unit_keypoints,
@@ -125,10 +127,24 @@ def test_config_thresholds_are_parsed_from_cli_strings_and_checked():
         with pytest.raises(ConfigError):
             Config(thresholds=bad)
     for field, value in (("pck_norm", "box"), ("split", "train"), ("patch_padding", "reflect"), ("upsample", 0),
-                         ("pairs_per_category", 0), ("dataset", "voc"), ("square_fill", 300)):
+                         ("upsample", 17), ("pairs_per_category", 0), ("dataset", "voc"), ("square_fill", 300),
+                         ("square_fill", -1), ("input_size", 0), ("save_matches_count", -1), ("batch_size", 0),
+                         ("pair_batch", -1), ("num_workers", -1)):
         with pytest.raises(ConfigError) as e:
-            Config(**{field: value}).validate()
-        assert str(value) in str(e.value)
+            Config(**{field: value})
+        assert str(value) in str(e.value) and "--" + field.replace("_", "-") in str(e.value)
+    with pytest.raises(ConfigError, match="--pair-list"):
+        Config(pair_list="/no/such/pairs.txt")
+
+
+def test_declared_options_non_semantic_fields_and_canonical_config():
+    assert non_semantic_fields(Config) == {"batch_size", "num_workers", "pair_batch", "save_matches",
+                                           "save_matches_count"}
+    assert "dataset" not in {o.name for o in Config.options()}
+    assert {o.name: o.accepts for o in Config.options()}["pairs_per_category"] == ">= 1 or all"
+    model = {"patch_size": 14}
+    assert resolve_canonical({"pairs_per_category": 200, "pair_list": None}, model)["pairs_per_category"] == 200
+    assert resolve_canonical({"pairs_per_category": 200, "pair_list": "p.txt"}, model)["pairs_per_category"] is None
 
 
 def test_published_defaults():
@@ -280,7 +296,7 @@ def test_symmetric_patch_padding_and_padding_aware_cell_centre(tmp_path):
                 [{"src": "a", "trg": "b", "cat": "cat"}])
     centre = run(ProjectionEncoder(), tmp_path, cfg(input_size=200, cell_centre=True, thresholds="0.05"),
                  cache=None, progress=False)
-    assert centre["config"]["geometry"] == {"input_size": 200, "padded_size": 208, "offset": 4, "grid": 13}
+    assert centre["derived"]["geometry"] == {"input_size": 200, "padded_size": 208, "offset": 4, "grid": 13}
     assert centre["metrics"]["pck@0.05"] == 100.0
     corner = run(ProjectionEncoder(), tmp_path, cfg(input_size=200, thresholds="0.05"), cache=None, progress=False)
     expected = 100 * np.mean([c / 156 < 0.05 for c in range(12)])      # |c/13 - c/12| per keypoint
@@ -329,8 +345,11 @@ def _expected_pck(truth, alpha, cell_centre, pck_norm):
         ok = np.linalg.norm(pred - true, axis=1) / scale < alpha
         per_cat.setdefault(cat, []).extend(ok)
         per_cat_vp.setdefault(vp, {}).setdefault(cat, []).extend(ok)
-    mean = lambda d: 100 * float(np.mean([np.mean(v) for v in d.values()]))
-    return mean(per_cat), {vp: mean(d) for vp, d in per_cat_vp.items()}, {c: 100 * np.mean(v) for c, v in per_cat.items()}
+    def mean(d):
+        return 100 * float(np.mean([np.mean(v) for v in d.values()]))
+
+    return (mean(per_cat), {vp: mean(d) for vp, d in per_cat_vp.items()},
+            {c: 100 * np.mean(v) for c, v in per_cat.items()})
 
 
 @pytest.mark.parametrize("cell_centre,pck_norm", [(False, "bbox"), (True, "bbox"), (False, "image")])
@@ -387,9 +406,13 @@ def test_subset_per_category_and_bucket_is_recorded(tmp_path):
     truth = _translation_case(tmp_path)
     assert len(truth) == 3
     res = run(CodeEncoder(), tmp_path, cfg(pairs_per_category=1), cache=None, progress=False)
-    sel = res["config"]["pair_selection"]
+    sel = res["derived"]["pair_selection"]
     assert sel["counts"] == {"all": 2, "0": 2, "2": 1} and sel["seed"] == 20 and len(sel["pairs_hash"]) == 16
     assert res["config"]["pairs_per_category"] == 1
+    assert "pair_selection" not in res["config"] and res["provenance"]["seeds"] == {"pair_selection": 20}
+    # 0 = automatic: the config keeps what was asked, derived records the batch used
+    assert res["config"]["pair_batch"] == 0 and res["derived"]["pair_batch"] >= 1
+    assert res["derived"]["feature_grid"] == GRID and res["derived"]["layer"] == -1
 
 
 def test_pair_list_restricts_and_save_matches_writes_pictures(tmp_path):
@@ -397,12 +420,15 @@ def test_pair_list_restricts_and_save_matches_writes_pictures(tmp_path):
     names = (tmp_path / "SPair-71k" / "Layout" / "large" / "test.txt").read_text().split()
     lst = tmp_path / "pairs.txt"
     lst.write_text(names[2] + "\n")
-    res = run(CodeEncoder(), tmp_path, cfg(pair_list=str(lst), save_matches=str(tmp_path / "pics")),
-              cache=None, progress=False)
+    res = run(CodeEncoder(), tmp_path, cfg(pair_list=str(lst), save_matches=str(tmp_path / "pics"),
+                                           pairs_per_category=5), cache=None, progress=False)
     assert res["provenance"]["dataset"]["n_pairs_evaluated"] == 1
+    assert res["config"]["pairs_per_category"] is None      # an explicit list is not subsampled
+    assert res["derived"]["pair_selection"]["rule"] == "explicit --pair-list"
     assert set(res["metrics"]["per_category_pck@0.10"]) == {"dog"}
     arts = res["provenance"]["artifacts"]
     assert len(arts) == 1 and Image.open(arts[0]).size[1] > 200
+    assert arts[0].endswith(names[2].replace(":", "_") + ".png")
 
 
 # -------------------------------------------------------------------------------------- bad input
@@ -450,12 +476,12 @@ def test_no_visible_keypoint_and_indivisible_input_are_clear_errors(tmp_path):
 # ---------------------------------------------------------------------------- registry / CLI path
 
 def test_benchmark_runs_through_the_api_on_the_synthetic_suite(synth_root, tmp_path):
+    from densebench import get_benchmark
     from densebench.api import evaluate
-    from densebench.protocols import get_benchmark
     from densebench.results import read_result
 
     bench = get_benchmark("spair-correspondence")
-    assert bench.main_metric == "pck@0.10" and bench.dataset == "spair"
+    assert bench.main_metric == "pck@0.10" and bench.dataset.name == "spair"
     out = tmp_path / "r.json"
     [res] = evaluate("pixels", benchmarks="spair-correspondence", data_root=synth_root, output=out,
                      cache_dir=tmp_path / "cache", progress=False,

@@ -86,7 +86,8 @@ def test_layer_and_norm_match_blocks_run_by_hand():
         for layer, idx in [(-1, 2), (-2, 1), (0, 0), (1, 1)]:
             raw = blocks[idx][:, 5:].reshape(2, 2, 2, -1)
             torch.testing.assert_close(enc(x, layer=layer, norm=False), raw)
-            torch.testing.assert_close(enc(x, layer=layer, norm=True), vit.norm(blocks[idx])[:, 5:].reshape(2, 2, 2, -1))
+            expected = vit.norm(blocks[idx])[:, 5:].reshape(2, 2, 2, -1)
+            torch.testing.assert_close(enc(x, layer=layer, norm=True), expected)
     # instance defaults are used when a call does not override them
     enc2 = load_encoder("random:vit_small_patch14_reg4_dinov2", model_kwargs={**S14, "depth": 3}, layer=0, norm=False)
     torch.testing.assert_close(_feats(enc2, x), _feats(enc, x, layer=0, norm=False), rtol=0, atol=0)
@@ -224,13 +225,15 @@ def test_meta_dino_full_checkpoint_and_neco_lightning_format(tmp_path):
     neco.update({f"teacher.{k}": torch.randn_like(v) for k, v in sd.items()})             # EMA copy: not evaluated
     neco.update({"model.head.mlp.0.weight": torch.randn(8, 384), "model.head.last_layer.weight": torch.randn(4, 8)})
     torch.save({"state_dict": neco}, tmp_path / "neco_model.ckpt")
-    plain_plus_ema = {**{k: v.clone() for k, v in sd.items()}, **{f"teacher.{k}": torch.randn_like(v) for k, v in sd.items()}}
+    plain_plus_ema = {**{k: v.clone() for k, v in sd.items()},
+                      **{f"teacher.{k}": torch.randn_like(v) for k, v in sd.items()}}
     torch.save(plain_plus_ema, tmp_path / "plain_plus_ema.pth")
     x = _images(32, 48)
     want = _feats(src, x)
     # no img_size: the 2x2 position grid in the file makes the loader build a 32 px model (not 224)
     encs = [load_encoder("timm:vit_small_patch16_224", weights=str(tmp_path / f), model_kwargs={"depth": 2})
-            for f in ("timm.safetensors", "dino_full.pth", "dino_backbone.pth", "neco_model.ckpt", "plain_plus_ema.pth")]
+            for f in ("timm.safetensors", "dino_full.pth", "dino_backbone.pth", "neco_model.ckpt",
+                      "plain_plus_ema.pth")]
     # the registry name resamples position embeddings the DINO way by default, so compare with timm's here
     encs.insert(4, load_encoder("dino_vits16", weights=str(tmp_path / "dino_full.pth"), model_kwargs={"depth": 2},
                              pos_interp="timm"))
@@ -311,7 +314,8 @@ def test_fingerprint_is_stable_and_content_addressed(tmp_path):
     # the same tensors under another architecture identity fingerprint differently
     assert fingerprint_state_dict(sd, arch="a") != fingerprint_state_dict(sd, arch="b")
     # independent check of what is hashed: keys, dtypes, shapes and bytes (a dtype change alone matters)
-    assert fingerprint_state_dict({"w": torch.zeros(2)}) != fingerprint_state_dict({"w": torch.zeros(2, dtype=torch.float64)})
+    f64 = fingerprint_state_dict({"w": torch.zeros(2, dtype=torch.float64)})
+    assert fingerprint_state_dict({"w": torch.zeros(2)}) != f64
     assert fingerprint_state_dict({"w": torch.zeros(2)}) != fingerprint_state_dict({"v": torch.zeros(2)})
     assert fingerprint_state_dict({"w": torch.zeros(4)}) != fingerprint_state_dict({"w": torch.zeros(2, 2)})
 
@@ -335,7 +339,8 @@ def test_registry_covers_the_published_encoders():
         "neco_on_dinov2r_xr_vit14_model.ckpt")
     assert len({e.source.filename for e in REGISTRY.values()}) == len(REGISTRY)   # no cache-file collisions
     rows = {r["name"]: r for r in list_models()}
-    assert rows["dinov2_vits14_reg"]["patch_size"] == 14 and "dinov2_vits14_reg4_pretrain.pth" in rows["dinov2_vits14_reg"]["source"]
+    reg = rows["dinov2_vits14_reg"]
+    assert reg["patch_size"] == 14 and "dinov2_vits14_reg4_pretrain.pth" in reg["source"]
     assert rows["pixels"]["offline"] is True
     for r in rows.values():
         assert {"name", "source", "arch", "patch_size", "native_size", "offline"} <= set(r)
@@ -566,7 +571,8 @@ def test_hf_dinov2_prefix_tokens(tmp_path, registers):
     n_prefix = 1 + registers
     assert out.last_hidden_state.shape[1] == n_prefix + 6
     torch.testing.assert_close(_feats(enc, x), out.last_hidden_state[:, n_prefix:].reshape(2, 2, 3, 32))
-    torch.testing.assert_close(_feats(enc, x, layer=0, norm=False), out.hidden_states[1][:, n_prefix:].reshape(2, 2, 3, 32))
+    expected = out.hidden_states[1][:, n_prefix:].reshape(2, 2, 3, 32)
+    torch.testing.assert_close(_feats(enc, x, layer=0, norm=False), expected)
     assert enc.describe()["num_register_tokens"] == registers and enc.describe()["loader"] == "hf"
     with pytest.raises(ModelError, match="could not be loaded"):
         load_encoder(f"hf:{tmp_path / 'missing'}")

@@ -48,12 +48,12 @@ def test_warm_cache_run_is_identical_and_forward_free(synth_root, tmp_path):
 def test_memory_size_splits_over_views_and_clamps(synth_root):
     enc = load_encoder("pixels")
     small = evaluate(enc, benchmarks=["voc-incontext"], data_root=synth_root, use_cache=False, progress=False,
-                     memory_size=96, **OPTS)[0]["config"]
+                     memory_size=96, **OPTS)[0]["derived"]
     n_train = 48
     assert small["memory_per_image"] == max(1, 96 // n_train) and not small["memory_per_image_clamped"]
     assert small["memory_rows"] <= 96
     huge = evaluate(enc, benchmarks=["voc-incontext"], data_root=synth_root, use_cache=False, progress=False,
-                    memory_size=10**9, **OPTS)[0]["config"]
+                    memory_size=10**9, **OPTS)[0]["derived"]
     assert huge["memory_per_image"] == (128 // 16) ** 2 and huge["memory_per_image_clamped"]
 
 

@@ -252,8 +252,8 @@ def test_one_bad_result_means_nothing_is_added(toy, tmp_path):
 
 def test_unknown_result_schema_version_is_refused(toy, tmp_path):
     r = make_result()
-    r["schema_version"] = 2
-    with pytest.raises(ResultError, match="schema_version 2"):
+    r["schema_version"] = 1  # the pre-`derived` format
+    with pytest.raises(ResultError, match="schema_version 1"):
         lb.submit([write(r, tmp_path / "r.json")], tmp_path / "board.json")
 
 
@@ -544,7 +544,8 @@ def test_cli_submit_show_compare(toy, cli, tmp_path):
     res = runner.invoke(cli, ["leaderboard", "show", str(board), "-f", "html", "-o", str(html_out)])
     assert res.exit_code == 0 and "<table id=\"board\"" in html_out.read_text()
 
-    res = runner.invoke(cli, ["leaderboard", "show", str(board), "--format", "markdown", "-b", "voc-linear,ade20k-linear"])
+    res = runner.invoke(cli, ["leaderboard", "show", str(board), "--format", "markdown",
+                              "-b", "voc-linear,ade20k-linear"])
     assert res.exit_code == 0 and "| Model | Arch | Source | voc-linear | ade20k-linear | Note |" in res.output
 
     res = runner.invoke(cli, ["leaderboard", "show", "--format", "table", "--source", "published"])

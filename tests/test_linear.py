@@ -12,22 +12,24 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TVF
 from PIL import Image
 
+from densebench.benchmark_table import get_benchmark
 from densebench.data.base import MANIFEST_NAME
+from densebench.data.families import ADE20K, VOC
 from densebench.encoders.base import IMAGENET_MEAN, IMAGENET_STD, DenseEncoder
 from densebench.errors import ConfigError, DataError
 from densebench.features import FeatureCache
-from densebench.metrics import ConfusionMatrix
-from densebench.protocols import get_benchmark
+from densebench.metrics import ConfusionMatrix, iou_per_class, mean_iou
 from densebench.protocols.linear import (
     Config,
     epoch_batches,
     evaluate_head,
     head_logits,
     make_head,
+    resolve_canonical,
     run,
     train_head,
 )
-from densebench.transforms import LinearTrainView, generator_for, random_resized_crop_params
+from densebench.transforms import LinearTrainView, ResizeView, generator_for, random_resized_crop_params
 
 # --------------------------------------------------------------------------------------- fixtures
 
@@ -315,7 +317,10 @@ def test_separable_feature_map_is_learnt_to_about_100_miou(tmp_path):
     assert len(m["per_class_iou"]) == 21
     curve = m["train_loss_curve"]
     assert len(curve) == 25 and curve[-1] < 0.5 * curve[0]
-    assert res["config"]["reported_epoch"] == 25 and res["config"]["upsample"] == "logits"
+    assert res["derived"]["reported_epoch"] == 25 and res["config"]["upsample"] == "logits"
+    assert res["config"]["eval_size"] == 64 and res["derived"]["patch_grid"] == 8   # resolved from input 64
+    assert res["derived"]["steps"] == 25 * 6 and res["derived"]["skipped_batches"] == 0
+    assert "reported_epoch" not in res["config"] and "metric_notes" not in res["config"]
     assert res["provenance"]["dataset"]["n_train"] == 12 and res["provenance"]["dataset"]["synthetic"]
 
 
@@ -352,7 +357,7 @@ def test_cache_is_reused_and_extra_views_only_cost_their_own_forwards(tmp_path):
 def test_result_records_the_legacy_selection_and_curves(tmp_path):
     root = write_palette_voc(tmp_path / "data", n_train=6, n_val=3)
     res = run(PaletteEncoder(), root, small_config(select_on_val=True), progress=False)
-    m, c = res["metrics"], res["config"]
+    m, c = res["metrics"], res["derived"]
     assert len(m["val_miou_curve"]) == 6 and len(m["train_loss_curve"]) == 6
     assert c["reported_epoch"] == int(np.argmax(m["val_miou_curve"])) + 1
     assert "LEGACY" in c["metric_notes"]["reported_epoch"]
@@ -394,6 +399,60 @@ def test_drop_last_with_too_few_images_is_explained(tmp_path):
     root = write_palette_voc(tmp_path / "data", n_train=3, n_val=1)
     with pytest.raises(ConfigError, match="no training batch"):
         run(PaletteEncoder(), root, small_config(drop_last=True), progress=False)
+
+
+def test_head_batch_larger_than_the_split_with_drop_last_is_refused_before_any_forward(tmp_path):
+    root = write_palette_voc(tmp_path / "data", n_train=3, n_val=2)
+    enc, cache = PaletteEncoder(), FeatureCache(tmp_path / "cache")
+    with pytest.raises(ConfigError, match=r"--head-batch-size 4 exceeds the 3 images .*no training batch") as e:
+        run(enc, root, small_config(drop_last=True, head_batch_size=4), cache=cache, progress=False)
+    assert "--no-drop-last" in str(e.value.hint) and "<= 3" in str(e.value.hint)
+    assert enc.images_forwarded == 0
+    assert not (tmp_path / "cache" / "features").exists()      # no cache entry was started either
+    # without drop_last a batch larger than the split is legal: one smaller batch per epoch
+    res = run(enc, root, small_config(drop_last=False, head_batch_size=4), cache=cache, progress=False)
+    assert res["derived"]["steps"] == 6
+    # with drop_last and a batch that fits, the incomplete last batch is dropped: one step of 2 per epoch
+    res = run(enc, root, small_config(drop_last=True, head_batch_size=2), cache=cache, progress=False)
+    assert res["derived"]["steps"] == 6
+
+
+def test_eval_size_resolves_to_the_input_size_and_the_val_entry_is_shared(tmp_path):
+    """eval_size None == input_size: one cache key, the one a plain ResizeView(input_size) val pass uses."""
+    from densebench.data import open_dataset
+    from densebench.features import extract
+
+    root = write_palette_voc(tmp_path / "data", n_train=4, n_val=3)
+    enc, cache = PaletteEncoder(), FeatureCache(tmp_path / "cache")
+    a = run(enc, root, small_config(), cache=cache, progress=False)
+    before = enc.images_forwarded
+    b = run(enc, root, small_config(eval_size=64), cache=cache, progress=False)
+    assert enc.images_forwarded == before and a["config"] == b["config"] and a["metrics"] == b["metrics"]
+    assert a["config"]["eval_size"] == 64
+    val = open_dataset("voc", root, "val")
+    view = ResizeView(64)
+    extract(enc, val, view, key_parts={"view": view.describe(), "reduce": "full-f16"}, cache=cache, progress=False)
+    assert enc.images_forwarded == before       # the overclustering protocol's val entry is this one
+    # another evaluation size keeps its own entry
+    c = run(enc, root, small_config(eval_size=32), cache=cache, progress=False)
+    assert enc.images_forwarded == before + 3 and c["config"]["eval_size"] == 32
+
+
+def test_resolve_canonical_fills_the_eval_size():
+    cfg = dataclasses.asdict(get_benchmark("voc-linear").default_config())
+    out = resolve_canonical(cfg, {"patch_size": 14})
+    assert out["eval_size"] == 448 and cfg["eval_size"] is None
+    assert {k: v for k, v in out.items() if k != "eval_size"} == {k: v for k, v in cfg.items() if k != "eval_size"}
+    assert resolve_canonical({**cfg, "eval_size": 100}, {"patch_size": 16})["eval_size"] == 100
+
+
+def test_ade20k_150_class_mean_is_the_old_formula_exactly():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        conf = rng.integers(0, 1000, (151, 151)) * (rng.random((151, 151)) < 0.3)
+        conf[0] = 0                                  # class 0 is the ignore label: never counted as ground truth
+        assert ADE20K.class_means(conf, "identity") == {"miou_150": mean_iou(iou_per_class(conf), exclude=[0])}
+    assert VOC.class_means(conf[:21, :21], "identity") == {}
 
 
 def test_benchmarks_are_registered_with_published_defaults():

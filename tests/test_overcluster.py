@@ -46,8 +46,12 @@ def test_clusters_option_accepts_cli_string_and_python_values():
     ({"clusters": "gt,lots"}, "'lots'"),
     ({"clusters": ""}, "--clusters is empty"),
     ({"seeds": 0}, "--seeds must be >= 1"),
-    ({"kmeans_max_points_per_centroid": 0}, "'all'"),
+    ({"kmeans_max_points_per_centroid": 0}, "must be >= 1 or all"),
     ({"pca_dim": 0}, "--pca-dim"),
+    ({"normalization": "hbird-legacy"}, "'hbird-legacy'; accepted: encoder, imagenet"),
+    ({"batch_size": 0}, "--batch-size must be >= 1"),
+    ({"num_workers": -1}, "--num-workers must be >= 0"),
+    ({"save_maps_count": -1}, "--save-maps-count must be >= 0"),
 ])
 def test_bad_options_name_the_value(kwargs, needle):
     with pytest.raises(ConfigError) as e:
@@ -222,6 +226,20 @@ def test_planted_clusters_are_recovered_at_k_gt():
     assert again.metrics == out.metrics
 
 
+def test_ignored_class_adds_the_mean_over_the_other_classes():
+    feats, masks = _planted()
+    cfg = Config(clusters="gt,15", seeds=1, pca_dim=8, kmeans_iters=20, kmeans_restarts=10)
+    # ADE20K-style: class 0 is the ignore label yet counted in the mean (the family's ignored_class)
+    plain = cluster_and_score(feats, masks, num_classes=5, ignore_index=0, class_names=None, config=cfg)
+    ade = cluster_and_score(feats, masks, num_classes=5, ignore_index=0, class_names=None, config=cfg,
+                            ignored_class=0)
+    assert "miou@5_4" not in plain.metrics and "miou@15_4" not in plain.metrics
+    assert {k: v for k, v in ade.metrics.items() if not k.endswith("_4")} == plain.metrics
+    assert ade.metrics["per_class_iou"]["0"] == 0.0
+    for k in (5, 15):
+        assert ade.metrics[f"miou@{k}_4"] == pytest.approx(ade.metrics[f"miou@{k}"] * 5 / 4)
+
+
 def test_seeds_are_reproducible_and_different_seeds_differ():
     feats, masks = _planted(noise=8.0, seed=1)                      # hard enough that seeds disagree
     cfg = Config(clusters="gt,20", seeds=3, pca_dim=8, kmeans_iters=10, kmeans_restarts=1)
@@ -257,7 +275,7 @@ def test_run_on_the_synthetic_suite(synth_root, tmp_path):
     for key in ("miou@21", "miou@21_std", "miou@gt", "miou@gt_std", "miou@12", "miou@12_std", "per_class_iou"):
         assert key in m
     assert 0 < m["miou@gt"] <= 100 and len(m["per_class_iou"]) == 21
-    cfg = res["config"]
+    cfg = res["derived"]
     assert cfg["matching_used"] == {"21": "hungarian", "12": "many-to-one"}
     assert cfg["kmeans"]["parameters"]["max_points_per_centroid"] == 256
     assert cfg["kmeans"]["parameters"]["niter"] == 10 and len(cfg["kmeans"]["runs"]) == 4
@@ -284,6 +302,8 @@ def test_ade20k_reports_the_151_and_150_class_means(synth_root, tmp_path):
     m = res["metrics"]
     assert m["miou@151_150"] == pytest.approx(m["miou@151"] * 151 / 150)
     assert m["per_class_iou"][next(iter(m["per_class_iou"]))] == 0.0     # class 0 is the ignore label
+    notes = res["derived"]["metric_notes"]
+    assert "ignored class 0" in notes["miou@<K>_150"] and "151 classes" in notes["miou@<K>"]
 
 
 def test_cli_run_and_bad_inputs(synth_root, tmp_path, capsys):
@@ -306,8 +326,8 @@ def test_cli_run_and_bad_inputs(synth_root, tmp_path, capsys):
     assert code == 0, err
     res = json.loads(out.read_text())
     assert res["config"]["clusters"] == ["gt", "20"]
-    assert res["config"]["kmeans"]["parameters"]["max_points_per_centroid"] == "all"
-    assert set(res["config"]["kmeans"]["training_points"].values()) == {res["config"]["num_tokens"]}
+    assert res["derived"]["kmeans"]["parameters"]["max_points_per_centroid"] == "all"
+    assert set(res["derived"]["kmeans"]["training_points"].values()) == {res["derived"]["num_tokens"]}
     code, err = cli(*base, "--clusters", "gt,100000")
     assert code == 2 and "exceeds the" in err and "val tokens" in err and "Traceback" not in err
     code, err = cli(*base, "--matching", "greedy")

@@ -14,7 +14,6 @@ from pathlib import Path
 from .base import SegmentationDataset
 from .ids import IdList, resolve_ids, shipped_path
 
-ROOT_NAME = "ADEChallengeData2016"
 NUM_CLASSES = 151
 IGNORE_INDEX = 0
 SHIPPED_SPLITS = {"training": 20210, "validation": 2000}

@@ -30,7 +30,6 @@ from ..errors import DataError
 from .base import SegmentationDataset, open_mask
 from .ids import IdList, resolve_ids, shipped_path
 
-ROOT_NAME = "coco"
 IGNORE_INDEX = 255
 #: Folder (under the COCO root) where `densebench data prepare coco-things --root DIR` writes the split lists.
 SPLIT_DIR = "densebench_splits"

@@ -24,7 +24,6 @@ from .ids import IdList, resolve_ids, shipped_path
 from .voc import NUM_CLASSES as VOC_NUM_CLASSES
 from .voc import class_names as voc_class_names
 
-ROOT_NAME = "SPair-71k"
 SPLITS = ("trn", "val", "test")
 #: VOC class id of each SPair category (the Segmentation PNGs are VOC class-id masks).
 VOC_CLASS_ID = {"aeroplane": 1, "bicycle": 2, "bird": 3, "boat": 4, "bottle": 5, "bus": 6, "car": 7, "cat": 8,

@@ -272,12 +272,13 @@ def _write_fractions(root: Path, prefix: str, train_ids: list[str]) -> dict:
 
     Returns {fraction: {seed: path relative to root}} for the manifest.
     """
-    from . import FRACTION_SEEDS, FRACTIONS
+    from . import FRACTION_SEEDS
+    from .families import VOC
 
     out: dict = {}
     for seed in FRACTION_SEEDS:
         order = [train_ids[i] for i in np.random.default_rng(seed).permutation(len(train_ids))]
-        for frac in FRACTIONS["voc"][1]:
+        for frac in VOC.fractions[1]:
             rel = Path(FRACTION_DIR) / f"1_div_{frac}" / f"{prefix}_{frac}_{seed}.txt"
             _ids_file(root / rel, order[: max(1, round(len(train_ids) / frac))])
             out.setdefault(str(frac), {})[str(seed)] = str(rel)

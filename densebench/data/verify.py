@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import DataError
-from . import FAMILIES, check_family, find_root, open_dataset
+from . import FAMILIES, find_root, get_family, open_dataset
 from .base import read_manifest
 from .coco import SPLIT_DIR
 from .ids import shipped_path
@@ -126,7 +126,7 @@ def verify(family: str, data_root: str | os.PathLike, *, splits: tuple[str, ...]
     """Every problem of ``family`` under ``data_root``: layout, split lists and counts, and each file
     (readable image, mask present and readable, mask size = image size, label values in range, COCO thing
     masks that are 0-indexed stuffthingmaps). An empty list means the tree is ready."""
-    check_family(family)
+    get_family(family)
     try:
         root = find_root(family, data_root)
     except DataError as e:
@@ -230,7 +230,7 @@ Steps:
 
 def prepare_instructions(family: str) -> str:
     """The official archives (URL and checksum), the target layout and the commands that build it."""
-    key = "coco" if family in ("coco", "coco-things", "coco-stuff") else check_family(family)
+    key = "coco" if family in ("coco", "coco-things", "coco-stuff") else get_family(family).name
     table = checksums()["archives"]
     lines = [f"# {family}: this machine cannot download datasets; fetch these archives yourself", "Archives:"]
     for name, info in table.items():

@@ -14,7 +14,6 @@ from ..paths import read_id_list
 from .base import SegmentationDataset
 from .ids import IdList, resolve_ids, shipped_path
 
-ROOT_NAME = "VOCSegmentation"
 NUM_CLASSES = 21
 IGNORE_INDEX = 255
 #: Splits whose masks live in SegmentationClassAug (SBD-augmented); every other split uses SegmentationClass.

@@ -152,7 +152,8 @@ def _timm_pretrained_source(arch: str) -> WeightSource:
     url = cfg.url if cfg.url and not cfg.custom_load and not cfg.url.endswith(".npz") else None
     hub = cfg.hf_hub_id if cfg.hf_hub_id and not cfg.hf_hub_id.endswith("/") else None
     filename = url.rsplit("/", 1)[-1] if url else f"{(hub or arch).replace('/', '--')}.safetensors"
-    return WeightSource(filename, url, hf_repo=hub, hf_filename=(cfg.hf_hub_filename or "model.safetensors") if hub else None)
+    hf_filename = (cfg.hf_hub_filename or "model.safetensors") if hub else None
+    return WeightSource(filename, url, hf_repo=hub, hf_filename=hf_filename)
 
 
 def _load_timm(arch: str, *, weights: str | Path | None, model_kwargs: dict[str, Any] | None, pos_interp: str,
@@ -213,7 +214,8 @@ def _load_neco(spec: str, *, name: str, pos_interp: str | None, layer: int, norm
     fingerprint = fingerprint_state_dict(net.state_dict(), arch=base, config=_identity_kwargs(kwargs))
     keep = ("base_model", "base_fingerprint", "step", "epoch")
     return TimmEncoder(net, name=name, fingerprint=fingerprint, layer=layer, norm=norm, loader="neco", arch=base,
-                       pos_interp=pos_interp, weights={"weights_path": str(weights_path), "weights_format": NECO_FORMAT},
+                       pos_interp=pos_interp,
+                       weights={"weights_path": str(weights_path), "weights_format": NECO_FORMAT},
                        extra={f"neco_{k}": meta[k] for k in keep if k in meta})
 
 

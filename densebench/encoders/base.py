@@ -95,10 +95,6 @@ class DenseEncoder(nn.Module, abc.ABC):
             "std": list(self.std),
         }
 
-    def default_input_size(self) -> int:
-        """Published evaluation size for in-context retrieval (see :func:`incontext_input_size`)."""
-        return incontext_input_size(self.patch_size)
-
     def describe(self) -> dict[str, Any]:
         """The model block recorded in every result."""
         return {

@@ -37,7 +37,8 @@ class HFEncoder(DenseEncoder):
         super().__init__(layer=layer, norm=norm)
         cfg = model.config
         if cfg.model_type not in SUPPORTED_TYPES:
-            raise ModelError(f"{name} is a transformers {cfg.model_type!r} model; hf: supports {', '.join(SUPPORTED_TYPES)}",
+            raise ModelError(f"{name} is a transformers {cfg.model_type!r} model; "
+                             f"hf: supports {', '.join(SUPPORTED_TYPES)}",
                              hint="wrap other models in a plugin (pkg.module:factory)")
         self.model = model.eval()
         ps = cfg.patch_size

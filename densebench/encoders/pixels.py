@@ -64,7 +64,8 @@ class PixelsEncoder(DenseEncoder):
     def __init__(self, patch_size: int = 16, *, layer: int = -1, norm: bool = True):
         super().__init__(layer=layer, norm=norm)
         if not 2 <= patch_size <= 256:
-            raise ConfigError(f"pixels patch size {patch_size} is out of range", hint="use pixels:<p> with 2 <= p <= 256")
+            raise ConfigError(f"pixels patch size {patch_size} is out of range",
+                              hint="use pixels:<p> with 2 <= p <= 256")
         self.patch_size = int(patch_size)
         self.embed_dim = 6 + N_ORIENT + 2
         self.name = "pixels" if patch_size == 16 else f"pixels:{patch_size}"

@@ -136,13 +136,6 @@ for _name, _arch, _file, _id, _note in [
                        page=_CRIBO, notes=f"{_note}; full checkpoint, teacher backbone used"))
 
 
-def get_entry(name: str) -> RegistryEntry:
-    """The registry entry ``name``, or a ModelError listing close matches."""
-    if name in REGISTRY:
-        return REGISTRY[name]
-    raise unknown_model_error(name)
-
-
 def unknown_model_error(name: str) -> ModelError:
     """The "unknown model" error: close registry/built-in names and where to look."""
     from . import BUILTIN_NAMES

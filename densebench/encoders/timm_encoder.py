@@ -40,7 +40,8 @@ def check_arch(arch: str) -> str:
     if not timm.is_model(base):
         import difflib
         close = difflib.get_close_matches(base, timm.list_models("*vit*") + timm.list_models("*eva*"), n=5)
-        raise ModelError(f"timm has no architecture {arch!r}" + (f"; close matches: {', '.join(close)}" if close else ""),
+        raise ModelError(f"timm has no architecture {arch!r}"
+                         + (f"; close matches: {', '.join(close)}" if close else ""),
                          hint="run `python -c \"import timm; print(timm.list_models('*vit*'))\"` for the names")
     return base
 

@@ -1,13 +1,102 @@
-"""Pieces every protocol shares when it turns its measurements into a result record."""
+"""The protocol skeleton: prepare -> extract -> score -> Outcome -> Result, shared by every protocol.
+
+A protocol module supplies the three steps; :func:`run_protocol` times them, feeds the encoder through
+the feature cache with the config's batch size and workers, and turns the :class:`Outcome` into the
+result record (timings, provenance, cache statistics) in this one place.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from ..errors import ConfigError
-from ..features import ExtractionStats
-from ..results import make_result
+from ..features import ExtractionStats, FeatureCache, Reducer, View, extract
+from ..results import Result, make_result
+
+
+@dataclass
+class RunContext:
+    """One protocol run: what it evaluates, where, and what it has measured so far.
+
+    ``config`` starts as the user's Config; ``prepare`` replaces it with the resolved one (automatic
+    fields filled), which is what the result records.
+    """
+
+    encoder: Any
+    data_root: Path
+    config: Any
+    device: str
+    cache: FeatureCache | None
+    progress: bool
+    benchmark: str
+    stats: ExtractionStats = field(default_factory=ExtractionStats)
+    t_start: float = field(default_factory=time.perf_counter)
+
+    def extract(self, dataset, view: View, *, desc: str, reducer: Reducer | None = None,
+                norm: bool | None = None) -> dict[str, np.ndarray]:
+        """Features of every view of ``dataset`` (full patch grids as float16, or what ``reducer`` keeps)."""
+        more = {} if reducer is None else {"reducer": reducer}
+        reduce = "full-f16" if reducer is None else reducer.describe()
+        return extract(self.encoder, dataset, view, key_parts={"view": view.describe(), "reduce": reduce},
+                       cache=self.cache, device=self.device, batch_size=self.config.batch_size,
+                       num_workers=self.config.num_workers, norm=norm, desc=desc, progress=self.progress,
+                       stats=self.stats, **more)
+
+
+@dataclass
+class Outcome:
+    """What ``score`` measured: metrics (percent), derived facts, and where the numbers came from."""
+
+    metrics: dict
+    derived: dict = field(default_factory=dict)   # facts computed on the way (rows, k-means runs, notes)
+    dataset: dict = field(default_factory=dict)   # provenance of the data measured
+    seeds: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)   # protocol-specific stages, seconds
+    artifacts: list[str] = field(default_factory=list)
+
+
+def run_protocol(protocol: ModuleType, encoder, data_root, config, *, device: str = "cpu",
+                 cache: FeatureCache | None = None, progress: bool = True, benchmark: str) -> Result:
+    """Run ``protocol``'s steps on ``encoder`` and return the validated result record."""
+    config.validate()
+    ctx = RunContext(encoder=encoder, data_root=Path(data_root), config=config, device=str(device), cache=cache,
+                     progress=progress, benchmark=benchmark)
+    prepared = protocol.prepare(ctx)
+    features = protocol.extract_features(ctx, prepared)
+    t_extracted = time.perf_counter()
+    outcome = protocol.score(ctx, prepared, features)
+    t_done = time.perf_counter()
+    timings = {"extraction_s": ctx.stats.extraction_s, "forward_s": ctx.stats.forward_s,
+               "protocol_s": t_done - t_extracted, **outcome.timings,
+               "total_s": time.perf_counter() - ctx.t_start}
+    return make_result(benchmark=benchmark, model=encoder.describe(), config=dataclasses.asdict(ctx.config),
+                       derived=outcome.derived, metrics=outcome.metrics, device=str(device), seeds=outcome.seeds,
+                       timings=timings, dataset=outcome.dataset,
+                       cache={**ctx.stats.as_dict(), "enabled": bool(cache is not None and cache.enabled)},
+                       artifacts=outcome.artifacts or None)
+
+
+def protocol_runner(module_name: str, suffix: str, summary: str):
+    """The ``run`` function of a protocol module: :func:`run_protocol` over the module's three steps.
+
+    ``suffix`` names the default benchmark (``<dataset><suffix>``) when none is given.
+    """
+    def run(encoder, data_root, config, *, device: str = "cpu", cache: FeatureCache | None = None,
+            progress: bool = True, benchmark: str | None = None) -> Result:
+        return run_protocol(sys.modules[module_name], encoder, data_root, config, device=device, cache=cache,
+                            progress=progress, benchmark=benchmark or f"{config.dataset}{suffix}")
+
+    run.__module__ = module_name
+    run.__doc__ = f"{summary}; returns the validated Result."
+    return run
 
 
 def check_input_size(input_size: int, encoder, extra_hint: str = "") -> None:
@@ -18,19 +107,17 @@ def check_input_size(input_size: int, encoder, extra_hint: str = "") -> None:
                           hint=f"use e.g. --input-size {max(p, input_size // p * p)}{extra_hint}")
 
 
-def train_val_result(*, benchmark: str, dataset_name: str, encoder, config: dict, metrics: dict, seed: int, device: str,
-                     stats: ExtractionStats, cache, train, val, t_start: float, t_extracted: float, t_done: float,
-                     dataset_extra: dict[str, Any] | None = None, artifacts: list[str] | None = None) -> dict:
-    """The result of a protocol that extracts a train and a val split, then computes on the features.
+def check_splits(family: str, **splits) -> None:
+    """Refuse empty splits before any forward: ``check_splits("voc", train=train, val=val)``."""
+    if any(len(ds) == 0 for ds in splits.values()):
+        sizes = ", ".join(f"{name} {len(ds)}" for name, ds in splits.items())
+        raise ConfigError(f"{family}: empty split ({sizes} images)")
 
-    Timings: extraction (data + forwards), forward alone, protocol (everything after extraction), total.
-    """
-    timings = {"extraction_s": stats.extraction_s, "forward_s": stats.forward_s,
-               "protocol_s": t_done - t_extracted, "total_s": time.perf_counter() - t_start}
-    dataset = {"name": dataset_name, "manifest_hash": val.manifest_hash(), "train_manifest_hash": train.manifest_hash(),
-               "synthetic": bool(val.synthetic), "n_train": len(train), "n_val": len(val),
-               "train_split": train.split, "val_split": val.split, **(dataset_extra or {})}
-    return make_result(benchmark=benchmark, model=encoder.describe(), config=config, metrics=metrics,
-                       device=str(device), seeds={"protocol": seed}, timings=timings, dataset=dataset,
-                       cache={**stats.as_dict(), "enabled": bool(cache is not None and cache.enabled)},
-                       artifacts=artifacts)
+
+def split_record(family: str, val, train=None, **extra) -> dict:
+    """Provenance of the data a train/val protocol measured (manifest hashes, sizes, split names)."""
+    record = {"name": family, "manifest_hash": val.manifest_hash(), "synthetic": bool(val.synthetic),
+              "n_val": len(val), "val_split": val.split}
+    if train is not None:
+        record.update(train_manifest_hash=train.manifest_hash(), n_train=len(train), train_split=train.split)
+    return {**record, **extra}

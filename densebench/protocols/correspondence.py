@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,18 +33,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, DataError, choices_message
-from ..features import ExtractionStats, FeatureCache, extract
-from ..metrics import PCKAccumulator
-from ..metrics import _threshold_label as _alpha_label
+from ..data import get_family, open_dataset
+from ..errors import ConfigError, DataError
+from ..metrics import PCKAccumulator, threshold_label
+from ..options import ProtocolConfig, option
+from ..paths import slug
+from ..pictures import draw_matches
 from ..progress import progress_bar
-from ..results import make_result
 from ..transforms import SquarePadView, normalisation
-from . import Benchmark, register
-from .common import check_input_size
-
-#: Config fields that do not change the measured numbers.
-NON_SEMANTIC_FIELDS = {"batch_size", "num_workers", "pair_batch", "save_matches", "save_matches_count"}
+from .common import Outcome, RunContext, check_input_size, protocol_runner
 
 SPAIR_SPLITS = ("trn", "val", "test")
 PCK_NORMS = ("bbox", "image")
@@ -56,7 +52,10 @@ VIEWPOINT_BUCKETS = (0, 1, 2)
 
 def _parse_thresholds(value) -> tuple[float, ...]:
     """'0.05,0.10' / ('0.05', '0.1') / (0.05, 0.1) -> (0.05, 0.1); ConfigError naming the bad entry."""
-    items = value.split(",") if isinstance(value, str) else list(value if isinstance(value, Sequence) else [value])
+    if isinstance(value, str):
+        items = value.split(",")
+    else:
+        items = list(value if isinstance(value, Sequence) else [value])
     out = []
     for item in items:
         text = str(item).strip()
@@ -66,7 +65,8 @@ def _parse_thresholds(value) -> tuple[float, ...]:
             alpha = float(text)
         except ValueError:
             raise ConfigError(f"--thresholds entry {text!r} is not a number",
-                              hint="give PCK thresholds as a comma list, e.g. --thresholds 0.05,0.10,0.15") from None
+                              hint="give PCK thresholds as a comma list, e.g. --thresholds 0.05,0.10,0.15"
+                              ) from None
         if not 0 < alpha <= 1:
             raise ConfigError(f"--thresholds entry {alpha} is outside (0, 1]",
                               hint="PCK thresholds are fractions of the bounding box, e.g. 0.05,0.10,0.15")
@@ -77,57 +77,51 @@ def _parse_thresholds(value) -> tuple[float, ...]:
 
 
 @dataclass(frozen=True)
-class Config:
-    dataset: str = "spair"
-    split: str = "test"                      # published: the 12,234 test pairs (before subsampling)
-    input_size: int = 800                    # side of the square the padded image is resized to
-    patch_padding: str = "symmetric"         # input not a multiple of the patch: "symmetric" zero pad (probe3d) | "none" (error)
-    square_fill: int = 255                   # value of the bottom/right padding to a square (published: 255, white)
-    feature_norm: bool = False               # apply the encoder's final norm (published: no, raw last block)
-    pairs_per_category: int | None = 200     # pairs kept per category and per (category, bucket); None = "all"
-    pair_list: str | None = None             # file of pair names to evaluate exactly (no subsampling)
-    seed: int = 20                           # pair-subset shuffle seed (published: random.seed(20))
-    thresholds: tuple = (0.10,)              # PCK alphas, e.g. 0.05,0.10,0.15
-    pck_norm: str = "bbox"                   # "bbox": alpha * longest target-bbox side (published) | "image"
-    cell_centre: bool = False                # predicted location = matched cell's centre (published: its corner)
-    mutual: bool = False                     # keep only mutual nearest neighbours (others count as wrong)
-    upsample: int = 1                        # bilinear feature upsampling factor before matching (published: 1)
-    integer_keypoints: bool = False          # probe3d's int-tensor truncation of keypoints at the input size
-    save_matches: str | None = None          # folder for match pictures
-    save_matches_count: int = 8
-    batch_size: int = 8
-    num_workers: int = 0
-    pair_batch: int = 0                      # pairs matched per batch; 0 = sized automatically
+class Config(ProtocolConfig):
+    dataset: str = option("spair", "dataset family (set by the benchmark)", choices=("spair",))
+    split: str = option("test", "split whose pairs are evaluated (published: the 12,234 test pairs, before "
+                                "subsampling)", choices=SPAIR_SPLITS)
+    input_size: int = option(800, "side of the square the padded image is resized to", min=1)
+    patch_padding: str = option("symmetric", "input not a multiple of the patch: zero-pad symmetrically "
+                                             "(probe3d) or refuse", choices=PATCH_PADDINGS)
+    square_fill: int = option(255, "pixel value of the bottom/right padding to a square (published: 255, "
+                                   "white)", min=0, max=255)
+    feature_norm: bool = option(False, "apply the encoder's final norm (published: off, raw last block)")
+    pairs_per_category: int | None = option(200, "pairs kept per category and per (category, viewpoint "
+                                                 "bucket)", min=1, none="all")
+    pair_list: str | None = option(None, "file of pair names to evaluate exactly (no subsampling)")
+    seed: int = option(20, "seed of the pair-subset shuffle (published: random.seed(20))")
+    thresholds: tuple[float, ...] = option((0.10,), "PCK alphas in (0, 1], a comma list, e.g. 0.05,0.10,0.15")
+    pck_norm: str = option("bbox", "PCK normaliser: alpha * longest side of the target bounding box (bbox, "
+                                   "published) or of the target image", choices=PCK_NORMS)
+    cell_centre: bool = option(False, "predicted location = the matched cell's centre, padding-aware "
+                                      "(published: its top-left corner)")
+    mutual: bool = option(False, "keep only mutual nearest neighbours (the others count as wrong)")
+    upsample: int = option(1, "bilinear feature upsampling factor before matching (published: 1)",
+                           min=1, max=16)
+    integer_keypoints: bool = option(False, "probe3d's int-tensor truncation of keypoints at the input size")
+    save_matches: str | None = option(None, "folder for match pictures", non_semantic=True)
+    save_matches_count: int = option(8, "how many pairs (the first ones) to draw", min=0, non_semantic=True)
+    batch_size: int = option(8, "images per backbone forward", min=1, non_semantic=True)
+    num_workers: int = option(0, "data-loading worker processes", min=0, non_semantic=True)
+    pair_batch: int = option(0, "pairs matched per batch; 0 = sized automatically", min=0, non_semantic=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "thresholds", _parse_thresholds(self.thresholds))
+        super().__post_init__()
 
-    def validate(self) -> None:
-        if self.dataset != "spair":
-            raise ConfigError(choices_message("dataset for the correspondence protocol", self.dataset, ["spair"]))
-        if self.split not in SPAIR_SPLITS:
-            raise ConfigError(choices_message("--split", self.split, SPAIR_SPLITS))
-        if self.input_size < 1:
-            raise ConfigError(f"--input-size must be positive, got {self.input_size}")
-        if self.patch_padding not in PATCH_PADDINGS:
-            raise ConfigError(choices_message("--patch-padding", self.patch_padding, PATCH_PADDINGS))
-        if not 0 <= self.square_fill <= 255:
-            raise ConfigError(f"--square-fill must be a pixel value in 0..255, got {self.square_fill}")
-        if self.pairs_per_category is not None and self.pairs_per_category < 1:
-            raise ConfigError(f"--pairs-per-category must be a positive integer or 'all', got {self.pairs_per_category}")
-        if self.pck_norm not in PCK_NORMS:
-            raise ConfigError(choices_message("--pck-norm", self.pck_norm, PCK_NORMS))
-        if not 1 <= self.upsample <= 16:
-            raise ConfigError(f"--upsample must be an integer factor in 1..16, got {self.upsample}")
-        if self.save_matches_count < 0:
-            raise ConfigError(f"--save-matches-count must be >= 0, got {self.save_matches_count}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.pair_batch < 0:
-            raise ConfigError(f"--pair-batch must be >= 0 (0 = automatic), got {self.pair_batch}")
+    def check(self) -> None:
         if self.pair_list is not None and not Path(self.pair_list).expanduser().is_file():
             raise ConfigError(f"--pair-list {self.pair_list} does not exist",
                               hint="give a text file with one SPair pair name per line")
+
+
+def resolve_canonical(config: dict, model: dict) -> dict:
+    """A config as a run records it: an explicit pair list replaces the per-category subsampling."""
+    config = dict(config)
+    if config.get("pair_list"):
+        config["pairs_per_category"] = None
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -283,7 +277,8 @@ class UnitFeatureReducer:
     def describe(self) -> dict:
         return {"reducer": "l2-unit-f16"}
 
-    def __call__(self, feats: torch.Tensor, masks: torch.Tensor, indices: torch.Tensor) -> dict[str, np.ndarray]:
+    def __call__(self, feats: torch.Tensor, masks: torch.Tensor,
+                 indices: torch.Tensor) -> dict[str, np.ndarray]:
         return {"features": F.normalize(feats.float(), dim=-1).to(torch.float16).cpu().numpy()}
 
 
@@ -317,7 +312,8 @@ def pair_arrays(pairs: Sequence[Mapping], input_size: int, pck_norm: str, intege
             scale[i] = 1.0
         if vis[i].any() and not scale[i] > 0:
             raise DataError(f"SPair pair {p['name']}: target bounding box {p['trg_bbox']} is empty, "
-                            "so PCK@bbox is undefined", hint="check its PairAnnotation JSON or use --pck-norm image")
+                            "so PCK@bbox is undefined",
+                            hint="check its PairAnnotation JSON or use --pck-norm image")
     return PairBatch(src_uv, trg_uv, vis, scale)
 
 
@@ -326,101 +322,79 @@ def _auto_pair_batch(grid: int, dim: int) -> int:
     return max(1, min(256, int(32e6 // (grid * grid * max(1, dim)))))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Pictures
-
-_SLOT_COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-                 (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-                 (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
-                 (0, 0, 128), (128, 128, 128)]
-
-
-def draw_matches(src_image, trg_image, src_xy: np.ndarray, trg_xy: np.ndarray, pred_xy: np.ndarray,
-                 visible: np.ndarray, correct: np.ndarray, path: Path, title: str = "", height: int = 256) -> Path:
-    """Source | target side by side: source keypoints (dots, one colour per slot), true target keypoints
-    (rings) and predictions (dots), each prediction joined to its truth by a green (correct) or red line."""
-    from PIL import Image, ImageDraw
-
-    def fit(im):
-        f = height / im.height
-        return im.convert("RGB").resize((max(1, round(im.width * f)), height), Image.Resampling.BILINEAR), f
-
-    left, fs = fit(src_image)
-    right, ft = fit(trg_image)
-    gap, top = 8, 18
-    canvas = Image.new("RGB", (left.width + gap + right.width, height + top), (255, 255, 255))
-    canvas.paste(left, (0, top))
-    canvas.paste(right, (left.width + gap, top))
-    draw = ImageDraw.Draw(canvas)
-    ox = left.width + gap
-    r = 3
-    for k in np.nonzero(visible)[0]:
-        colour = _SLOT_COLOURS[k % len(_SLOT_COLOURS)]
-        sx, sy = src_xy[k] * fs
-        draw.ellipse([sx - r, sy + top - r, sx + r, sy + top + r], fill=colour, outline=(0, 0, 0))
-        tx, ty = trg_xy[k] * ft
-        px, py = np.clip(pred_xy[k] * ft, [0, 0], [right.width - 1, height - 1]) if np.all(
-            np.isfinite(pred_xy[k])) else (tx, ty)
-        draw.line([ox + px, py + top, ox + tx, ty + top], fill=(0, 170, 0) if correct[k] else (220, 0, 0), width=2)
-        draw.ellipse([ox + tx - r - 1, ty + top - r - 1, ox + tx + r + 1, ty + top + r + 1], outline=colour, width=2)
-        draw.ellipse([ox + px - r, py + top - r, ox + px + r, py + top + r], fill=colour, outline=(0, 0, 0))
-    draw.text((2, 2), title, fill=(0, 0, 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
-
 
 # ---------------------------------------------------------------------------------------------------
+# The recipe
 
-def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: FeatureCache | None = None,
-        progress: bool = True, benchmark: str | None = None) -> dict:
-    """Evaluate ``encoder`` with the probe3d SPair-71k correspondence protocol; returns a result record."""
-    from ..data import open_dataset
+run = protocol_runner(__name__, "-correspondence",
+                      "Evaluate ``encoder`` with the probe3d SPair-71k correspondence protocol")
 
-    config.validate()
-    t_start = time.perf_counter()
-    p = encoder.patch_size
+
+@dataclass
+class Prepared:
+    spair: object                       # the SPair reader of the split (pairs, images)
+    pairs: list[dict]
+    subsets: dict[object, list[int]]    # select_pairs: {"all": [...], 0: [...], 1: [...], 2: [...]}
+    used: list[int]                     # every evaluated pair, sorted by name
+    images: PairImages                  # the images those pairs use, each forwarded once
+    view: SquarePadView
+    mean: tuple
+    std: tuple
+
+
+def prepare(ctx: RunContext) -> Prepared:
+    """Open the split's pairs, draw the evaluated subset and list the images it needs."""
+    config = ctx.config
+    if config.pair_list:
+        ctx.config = config = dataclasses.replace(config, pairs_per_category=None)
     if config.patch_padding == "none":
-        check_input_size(config.input_size, encoder, " or --patch-padding symmetric")
+        check_input_size(config.input_size, ctx.encoder, " or --patch-padding symmetric")
     mean, std = normalisation("imagenet")
-    spair = open_dataset("spair", data_root, config.split,
+    spair = open_dataset(get_family(config.dataset), ctx.data_root, config.split,
                          id_list=str(Path(config.pair_list).expanduser()) if config.pair_list else None)
     pairs = spair.pairs
     if not pairs:
         raise DataError(f"SPair-71k {config.split}: no pairs to evaluate under {spair.root}",
                         hint="check the split list (Layout/large/<split>.txt) or --pair-list")
-    per_category = None if config.pair_list else config.pairs_per_category
-    subsets = select_pairs(pairs, per_category, config.seed)
+    subsets = select_pairs(pairs, config.pairs_per_category, config.seed)
     used = sorted(set().union(*subsets.values()), key=lambda i: pairs[i]["name"])
     image_ids = sorted({pairs[i][side] for i in used for side in ("src_id", "trg_id")})
-    row_of = {id_: r for r, id_ in enumerate(image_ids)}
+    patch = ctx.encoder.patch_size if config.patch_padding == "symmetric" else 1
+    view = SquarePadView(config.input_size, patch=patch, fill=config.square_fill, mean=mean, std=std)
+    return Prepared(spair, pairs, subsets, used, PairImages(spair, image_ids), view, mean, std)
 
-    view = SquarePadView(config.input_size, patch=p if config.patch_padding == "symmetric" else 1,
-                         fill=config.square_fill, mean=mean, std=std)
-    reducer = UnitFeatureReducer()
-    stats = ExtractionStats()
-    images = PairImages(spair, image_ids)
-    feats_np = extract(encoder, images, view, key_parts={"view": view.describe(), "reduce": reducer.describe()},
-                       cache=cache, device=device, batch_size=config.batch_size, num_workers=config.num_workers,
-                       reducer=reducer, norm=config.feature_norm, desc="SPair image features", progress=progress,
-                       stats=stats)["features"]
-    t_extracted = time.perf_counter()
 
-    dev = torch.device(device)
+def extract_features(ctx: RunContext, prep: Prepared) -> np.ndarray:
+    """One forward per image: (N, S, S, D) unit-norm float16 grids, rows in ``prep.images.ids`` order."""
+    return ctx.extract(prep.images, prep.view, reducer=UnitFeatureReducer(), norm=ctx.config.feature_norm,
+                       desc="SPair image features")["features"]
+
+
+def score(ctx: RunContext, prep: Prepared, feats_np: np.ndarray) -> Outcome:
+    """Match every evaluated pair from the cached grids in batches; PCK per category, overall, per bucket."""
+    config, pairs, used = ctx.config, prep.pairs, prep.used
+    row_of = {id_: r for r, id_ in enumerate(prep.images.ids)}
+    dev = torch.device(ctx.device)
     s, dim = int(feats_np.shape[1]) * config.upsample, int(feats_np.shape[-1])
-    geometry = Geometry(config.input_size, view.padded_size, view.offset, s)
+    geometry = Geometry(config.input_size, prep.view.padded_size, prep.view.offset, s)
     chunk = config.pair_batch or _auto_pair_batch(s, dim)
     preds: dict[int, np.ndarray] = {}
     mutual_ok: dict[int, np.ndarray] = {}
     arrays: dict[int, PairBatch] = {}
-    with progress_bar("matching pairs", total=len(used), enabled=progress) as advance, torch.inference_mode():
+
+    def grids(rows: list[int]) -> torch.Tensor:
+        """(B, S, S, D) float32 grids of these feature rows on the device, upsampled as configured."""
+        return upsample_features(torch.from_numpy(np.asarray(feats_np[rows])).to(dev).float(),
+                                 config.upsample)
+
+    bar = progress_bar("matching pairs", total=len(used), enabled=ctx.progress)
+    with bar as advance, torch.inference_mode():
         for start in range(0, len(used), chunk):
             idx = used[start:start + chunk]
-            batch = pair_arrays([pairs[i] for i in idx], config.input_size, config.pck_norm, config.integer_keypoints)
-            src_rows = [row_of[pairs[i]["src_id"]] for i in idx]
-            trg_rows = [row_of[pairs[i]["trg_id"]] for i in idx]
-            src = upsample_features(torch.from_numpy(np.asarray(feats_np[src_rows])).to(dev).float(), config.upsample)
-            trg = upsample_features(torch.from_numpy(np.asarray(feats_np[trg_rows])).to(dev).float(), config.upsample)
+            batch = pair_arrays([pairs[i] for i in idx], config.input_size, config.pck_norm,
+                                config.integer_keypoints)
+            src = grids([row_of[pairs[i]["src_id"]] for i in idx])
+            trg = grids([row_of[pairs[i]["trg_id"]] for i in idx])
             pred, ok = match_keypoints(src, trg, torch.from_numpy(batch.src_uv).to(dev), geometry,
                                        cell_centre=config.cell_centre, mutual=config.mutual)
             pred, ok = pred.cpu().numpy(), ok.cpu().numpy()
@@ -440,12 +414,13 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
                        bucket=int(pairs[i]["viewpoint_variation"]))
         return acc
 
+    subsets = prep.subsets
     overall = accumulate(subsets["all"], ("category",)).compute()
     bucket_idx = [i for b in VIEWPOINT_BUCKETS for i in subsets.get(b, [])]
     by_bucket = accumulate(bucket_idx, ("category", "viewpoint")).compute() if bucket_idx else {}
     metrics: dict = {}
     for alpha in config.thresholds:
-        name = f"pck@{_alpha_label(alpha)}"
+        name = f"pck@{threshold_label(alpha)}"
         metrics[name] = overall[name]
         for b in VIEWPOINT_BUCKETS:
             if f"{name}_vp{b}" in by_bucket:
@@ -455,65 +430,51 @@ def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: Featu
         vis = np.concatenate([arrays[i].visible for i in subsets["all"]])
         ok = np.concatenate([mutual_ok[i] for i in subsets["all"]])
         metrics["mutual_match_rate"] = float(100.0 * ok[vis].mean()) if vis.any() else 0.0
-    t_done = time.perf_counter()
 
-    artifacts = []
-    if config.save_matches and config.save_matches_count:
-        alpha0 = 0.10 if 0.10 in config.thresholds else config.thresholds[0]   # the headline threshold
-        for i in subsets["all"][: config.save_matches_count]:
-            pr, a = pairs[i], arrays[i]
-            src_side, trg_side = float(max(pr["src_size"])), float(max(pr["trg_size"]))
-            pred_px = np.where(mutual_ok[i][:, None], preds[i], np.inf) * trg_side
-            err = np.linalg.norm(preds[i] - a.trg_uv, axis=1) / a.scale[0]
-            correct = (err < alpha0) & mutual_ok[i]
-            title = (f"{pr['name']}  PCK@{_alpha_label(alpha0)} {int(correct[a.visible].sum())}/{int(a.visible.sum())}"
-                     f"  vp{pr['viewpoint_variation']}")
-            out = Path(config.save_matches).expanduser() / f"{_safe_name(pr['name'])}.png"
-            draw_matches(spair.image(pr["src_id"]), spair.image(pr["trg_id"]), a.src_uv * src_side,
-                         a.trg_uv * trg_side, pred_px, a.visible, correct, out, title=title)
-            artifacts.append(str(out))
-
+    artifacts = _draw(config, prep, preds, mutual_ok, arrays) if config.save_matches else []
     counts = {str(b): len(v) for b, v in subsets.items()}
     names_hash = hashlib.sha256("\n".join(pairs[i]["name"] for i in used).encode()).hexdigest()[:16]
-    resolved = dataclasses.asdict(config)
-    resolved.update(
-        thresholds=list(config.thresholds), pairs_per_category=per_category,
-        layer=encoder.layer, mean=list(mean), std=list(std), geometry=geometry.describe(),
-        feature_grid=int(feats_np.shape[1]), pair_batch=chunk,
-        pair_selection={
+    derived = {
+        "layer": ctx.encoder.layer, "mean": list(prep.mean), "std": list(prep.std),
+        "geometry": geometry.describe(), "feature_grid": int(feats_np.shape[1]), "pair_batch": chunk,
+        "pair_selection": {
             "rule": "explicit --pair-list" if config.pair_list else
-                    "per category and per (category, viewpoint bucket): sort pair names, random.Random(seed).shuffle, "
-                    "keep the first pairs_per_category",
+                    "per category and per (category, viewpoint bucket): sort pair names, "
+                    "random.Random(seed).shuffle, keep the first pairs_per_category",
             "seed": config.seed, "pairs_hash": names_hash, "counts": counts},
-        metric_notes={
+        "metric_notes": {
             "pck": "percentage of keypoints visible in both images with error < alpha * "
                    + ("longest side of the target bounding box" if config.pck_norm == "bbox" else
                       "longest side of the target image")
                    + "; pooled per category, unweighted mean over categories",
             "pck_vp": "same, on the pairs drawn per viewpoint-variation bucket (0 small, 1 medium, 2 large)",
             "predicted_location": "cell centre (padding-aware)" if config.cell_centre else
-                                  "top-left cell corner col/grid (published)"})
-    timings = {"extraction_s": stats.extraction_s, "forward_s": stats.forward_s,
-               "protocol_s": t_done - t_extracted, "total_s": time.perf_counter() - t_start}
-    return make_result(
-        benchmark=benchmark or "spair-correspondence", model=encoder.describe(), config=resolved,
-        metrics=metrics, device=str(device), seeds={"pair_selection": config.seed},
-        timings=timings,
-        dataset={"name": "spair", "manifest_hash": images.manifest_hash(), "synthetic": bool(spair.synthetic),
-                 "split": config.split, "id_source": spair.extra.get("id_source"), "n_pairs_split": len(pairs),
-                 "n_pairs_evaluated": len(used), "n_images": len(image_ids),
-                 "keypoints_outside_image": int(getattr(spair, "out_of_image", 0)),
-                 "visible_keypoints": overall["num_keypoints"]},
-        cache={**stats.as_dict(), "enabled": bool(cache and cache.enabled)},
-        artifacts=artifacts,
-    )
+                                  "top-left cell corner col/grid (published)"}}
+    spair = prep.spair
+    dataset = {"name": "spair", "manifest_hash": prep.images.manifest_hash(),
+               "synthetic": bool(spair.synthetic), "split": config.split,
+               "id_source": spair.extra.get("id_source"), "n_pairs_split": len(pairs),
+               "n_pairs_evaluated": len(used), "n_images": len(prep.images),
+               "keypoints_outside_image": int(getattr(spair, "out_of_image", 0)),
+               "visible_keypoints": overall["num_keypoints"]}
+    return Outcome(metrics=metrics, derived=derived, dataset=dataset, seeds={"pair_selection": config.seed},
+                   artifacts=artifacts)
 
 
-def _safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-register(Benchmark("spair-correspondence", "correspondence", "spair",
-                   "SPair-71k keypoint correspondence (probe3d): PCK@0.1 of the target bbox, nearest neighbour on "
-                   "raw last-block features, mean over categories",
-                   synthetic={"input_size": 224}, main_metric="pck@0.10"))
+def _draw(config: Config, prep: Prepared, preds: dict, mutual_ok: dict, arrays: dict) -> list[str]:
+    """Match pictures of the first ``save_matches_count`` pairs of the "all" subset, at the headline alpha."""
+    alpha0 = 0.10 if 0.10 in config.thresholds else config.thresholds[0]
+    artifacts = []
+    for i in prep.subsets["all"][: config.save_matches_count]:
+        pr, a = prep.pairs[i], arrays[i]
+        src_side, trg_side = float(max(pr["src_size"])), float(max(pr["trg_size"]))
+        pred_px = np.where(mutual_ok[i][:, None], preds[i], np.inf) * trg_side
+        err = np.linalg.norm(preds[i] - a.trg_uv, axis=1) / a.scale[0]
+        correct = (err < alpha0) & mutual_ok[i]
+        title = (f"{pr['name']}  PCK@{threshold_label(alpha0)} "
+                 f"{int(correct[a.visible].sum())}/{int(a.visible.sum())}  vp{pr['viewpoint_variation']}")
+        out = Path(config.save_matches).expanduser() / f"{slug(pr['name'])}.png"
+        draw_matches(prep.spair.image(pr["src_id"]), prep.spair.image(pr["trg_id"]), a.src_uv * src_side,
+                     a.trg_uv * trg_side, pred_px, a.visible, correct, out, title=title)
+        artifacts.append(str(out))
+    return artifacts

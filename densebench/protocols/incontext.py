@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,62 +21,54 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import fraction_list, open_dataset
-from ..data import splits as dataset_splits
+from ..data import DatasetFamily, SegmentationDataset, fraction_list, get_family, open_dataset
 from ..encoders.base import incontext_input_size
-from ..errors import ConfigError, choices_message
-from ..features import ExtractionStats, FeatureCache, extract
+from ..errors import ConfigError
 from ..metrics import ConfusionMatrix, segmentation_scores
+from ..options import ProtocolConfig, option
+from ..pictures import render_label_panels
 from ..progress import progress_bar
 from ..retrieval import build_index
 from ..transforms import HummingbirdTrainView, ResizeView, generator_for, normalisation
-from .common import check_input_size, train_val_result
+from .common import Outcome, RunContext, check_input_size, check_splits, protocol_runner, split_record
 
-#: Config fields that do not change the measured numbers (ignored when comparing to the canonical config).
-NON_SEMANTIC_FIELDS = {"batch_size", "num_workers", "device", "query_chunk", "save_predictions",
-                       "save_predictions_count"}
+BACKENDS = ("auto", "torch", "faiss", "faiss-ivf")
+FRACTIONS = (128, 64, 8)
 
 
 @dataclass(frozen=True)
-class Config:
-    dataset: str = "voc"
-    input_size: int | None = None          # None: 504 for /14 models, 512 for /16 (published)
-    augment_epochs: int = 2                # published: 2; 0 = memory from resized, un-augmented images
-    memory_size: int | None = 10_240_000   # patches kept in the memory; None = every patch ("all")
-    neighbours: int = 30
-    temperature: float = 0.02
-    train_list: str | None = None          # explicit id list for the memory bank
-    train_fraction: int | None = None      # 128, 64 or 8: the shipped 1/N fraction list
-    fraction_seed: int = 42                # which of the published fraction lists (42, 400, 783, 1293, 4019)
-    memory_ignore: str = "class0"          # "class0": ignore pixels count as class 0 (published); "drop"
-    normalization: str = "imagenet"        # "imagenet" or "hbird-legacy" (the reference's 0.255 std typo)
-    backend: str = "auto"                  # retrieval backend: auto, torch, faiss, faiss-ivf
-    seed: int = 0
-    batch_size: int = 16
-    num_workers: int = 0
-    query_chunk: int = 0                   # val images per retrieval chunk; 0 = sized automatically
-    save_predictions: str | None = None    # folder for PNGs: image | ground truth | prediction
-    save_predictions_count: int = 8        # how many val images (the first ones) to draw
+class Config(ProtocolConfig):
+    dataset: str = option("voc", "dataset family (set by the benchmark)")
+    input_size: int | None = option(None, "image side fed to the encoder; auto: 504 for /14 models, 512 for /16",
+                                    min=1, none="auto")
+    augment_epochs: int = option(2, "augmented passes over the train split for the memory bank; 0 = resized, "
+                                    "un-augmented images", min=0)
+    memory_size: int | None = option(10_240_000, "patches kept in the memory bank", min=1, none="all")
+    neighbours: int = option(30, "nearest neighbours per query patch", min=1)
+    temperature: float = option(0.02, "softmax temperature of the label transfer", min=0, min_exclusive=True)
+    train_list: str | None = option(None, "file of ids for the memory bank (instead of the whole train split)")
+    train_fraction: int | None = option(None, "use the shipped Hummingbird 1/N list of the train split",
+                                        choices=FRACTIONS)
+    fraction_seed: int = option(42, "which published fraction list", choices=(42, 400, 783, 1293, 4019))
+    memory_ignore: str = option("class0", "ignore pixels in the memory bank: counted as class 0 (published) or "
+                                          "dropped", choices=("class0", "drop"))
+    normalization: str = option("imagenet", "input normalisation; hbird-legacy = the reference's 0.255 std typo",
+                                choices=("imagenet", "hbird-legacy"))
+    backend: str = option("auto", "k-NN backend: auto (faiss on GPU, else torch), torch, faiss (exact), "
+                                  "faiss-ivf (approximate)", choices=BACKENDS)
+    seed: int = option(0, "seed of the augmentations and the memory-bank sampling", min=0)
+    batch_size: int = option(16, "images per backbone forward", min=1, non_semantic=True)
+    num_workers: int = option(0, "data-loading worker processes", min=0, non_semantic=True)
+    query_chunk: int = option(0, "val images per retrieval chunk; 0 = sized automatically", min=0,
+                              non_semantic=True)
+    save_predictions: str | None = option(None, "folder for image | ground truth | prediction PNGs",
+                                          non_semantic=True)
+    save_predictions_count: int = option(8, "how many val images (the first ones) to draw", min=0,
+                                         non_semantic=True)
 
-    def validate(self) -> None:
-        if self.augment_epochs < 0:
-            raise ConfigError(f"--augment-epochs must be >= 0, got {self.augment_epochs}")
-        if self.memory_size is not None and self.memory_size < 1:
-            raise ConfigError(f"--memory-size must be a positive integer or 'all', got {self.memory_size}")
-        if self.neighbours < 1:
-            raise ConfigError(f"--neighbours must be >= 1, got {self.neighbours}")
-        if not self.temperature > 0:
-            raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
-        if self.memory_ignore not in ("class0", "drop"):
-            raise ConfigError(choices_message("--memory-ignore", self.memory_ignore, ["class0", "drop"]))
-        if self.train_fraction is not None and self.train_fraction not in (128, 64, 8):
-            raise ConfigError(choices_message("--train-fraction", self.train_fraction, [128, 64, 8]))
+    def check(self) -> None:
         if self.train_fraction is not None and self.train_list is not None:
             raise ConfigError("give either --train-list or --train-fraction, not both")
-        if self.save_predictions_count < 0:
-            raise ConfigError(f"--save-predictions-count must be >= 0, got {self.save_predictions_count}")
-        if self.input_size is not None and self.input_size < 1:
-            raise ConfigError(f"--input-size must be positive, got {self.input_size}")
 
 
 def resolve_input_size(input_size: int | None, patch_size: int) -> int:
@@ -86,7 +77,8 @@ def resolve_input_size(input_size: int | None, patch_size: int) -> int:
 
 
 def resolve_canonical(config: dict, model: dict) -> dict:
-    """The canonical config as a result for ``model`` records it (for leaderboard comparisons)."""
+    """A config as a run of ``model`` records it, in the form leaderboards compare: the input size by patch
+    size, and every exact backend as ``exact`` (they return the same neighbours)."""
     config = dict(config)
     config["input_size"] = resolve_input_size(config.get("input_size"), int(model["patch_size"]))
     if config.get("backend") in ("auto", "torch", "faiss"):
@@ -188,110 +180,123 @@ def _memory_per_image(config: Config, n_images: int, tokens_per_image: int) -> t
     return min(k, tokens_per_image), k > tokens_per_image
 
 
-def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: FeatureCache | None = None,
-        progress: bool = True, benchmark: str | None = None) -> dict:
-    """Evaluate ``encoder`` with the in-context retrieval protocol; returns a validated result record."""
-    config.validate()
-    t_start = time.perf_counter()
-    input_size = resolve_input_size(config.input_size, encoder.patch_size)
-    p = encoder.patch_size
-    check_input_size(input_size, encoder)
-    mean, std = normalisation(config.normalization)
-    train_split, val_split = dataset_splits(config.dataset)
+# ---------------------------------------------------------------------------------------------------
+# The recipe
+
+run = protocol_runner(__name__, "-incontext", "Evaluate ``encoder`` with the in-context retrieval protocol")
+
+
+@dataclass
+class Prepared:
+    family: DatasetFamily
+    train: SegmentationDataset
+    val: SegmentationDataset
+    train_list: str | None
+    mean: tuple
+    std: tuple
+    per_image: int | None
+    clamped: bool
+
+
+def prepare(ctx: RunContext) -> Prepared:
+    """Open the memory (train or a fraction list) and query (val) splits; size the memory per image."""
+    config = ctx.config
+    ctx.config = config = dataclasses.replace(
+        config, input_size=resolve_input_size(config.input_size, ctx.encoder.patch_size))
+    check_input_size(config.input_size, ctx.encoder)
+    family = get_family(config.dataset)
     id_list = config.train_list
     if config.train_fraction is not None:
-        id_list = str(fraction_list(config.dataset, config.train_fraction, config.fraction_seed, data_root=data_root))
-    train = open_dataset(config.dataset, data_root, train_split, id_list=id_list)
-    val = open_dataset(config.dataset, data_root, val_split)
-    if len(train) == 0 or len(val) == 0:
-        raise ConfigError(f"{config.dataset}: empty split (train {len(train)}, val {len(val)} images)")
-    C, ignore = val.num_classes, val.ignore_index
-    s = input_size // p
+        id_list = str(fraction_list(family, config.train_fraction, config.fraction_seed, data_root=ctx.data_root))
+    train = open_dataset(family, ctx.data_root, family.train_split, id_list=id_list)
+    val = open_dataset(family, ctx.data_root, family.val_split)
+    check_splits(family.name, train=train, val=val)
+    s = config.input_size // ctx.encoder.patch_size
     per_image, clamped = _memory_per_image(config, len(train), s * s)
+    mean, std = normalisation(config.normalization)
+    return Prepared(family, train, val, id_list, mean, std, per_image, clamped)
 
-    stats = ExtractionStats()
-    common = dict(cache=cache, device=device, batch_size=config.batch_size, num_workers=config.num_workers,
-                  progress=progress, stats=stats)
-    # Memory bank: one cached entry per augmentation epoch (0 epochs = one un-augmented pass).
-    keys_parts, label_parts = [], []
-    for epoch in range(max(1, config.augment_epochs)):
+
+def extract_features(ctx: RunContext, prep: Prepared) -> dict:
+    """Memory bank: one cached entry per augmentation epoch (0 epochs = one un-augmented pass); val grids."""
+    config, p = ctx.config, ctx.encoder.patch_size
+    epochs = max(1, config.augment_epochs)
+    keys, labels = [], []
+    for epoch in range(epochs):
         if config.augment_epochs == 0:
-            view = ResizeView(input_size, mean=mean, std=std)
+            view = ResizeView(config.input_size, mean=prep.mean, std=prep.std)
         else:
-            view = HummingbirdTrainView(input_size, seed=config.seed, epoch=epoch, mean=mean, std=std)
-        reducer = MemoryReducer(p, C, ignore, config.memory_ignore, per_image, config.seed, epoch)
-        mem = extract(encoder, train, view, key_parts={"view": view.describe(), "reduce": reducer.describe()},
-                      reducer=reducer, desc=f"memory bank {epoch + 1}/{max(1, config.augment_epochs)}", **common)
-        keys_parts.append(mem["keys"])
-        label_parts.append(mem["labels"])
-    val_view = ResizeView(input_size, mean=mean, std=std)
-    q = extract(encoder, val, val_view, key_parts={"view": val_view.describe(), "reduce": "full-f16"},
-                desc="val features", **common)
-    t_extracted = time.perf_counter()
+            view = HummingbirdTrainView(config.input_size, seed=config.seed, epoch=epoch, mean=prep.mean,
+                                        std=prep.std)
+        reducer = MemoryReducer(p, prep.val.num_classes, prep.val.ignore_index, config.memory_ignore,
+                                prep.per_image, config.seed, epoch)
+        mem = ctx.extract(prep.train, view, reducer=reducer, desc=f"memory bank {epoch + 1}/{epochs}")
+        keys.append(mem["keys"])
+        labels.append(mem["labels"])
+    val = ctx.extract(prep.val, ResizeView(config.input_size, mean=prep.mean, std=prep.std), desc="val features")
+    return {"keys": keys, "labels": labels, "val": val}
 
-    dev = torch.device(device)
-    keys = torch.from_numpy(np.concatenate([np.asarray(k) for k in keys_parts])).float()
-    labels = torch.from_numpy(np.concatenate([np.asarray(lab) for lab in label_parts]))
+
+def score(ctx: RunContext, prep: Prepared, feats: dict) -> Outcome:
+    """Exact k-NN of every val patch in the memory bank, label transfer, one streaming confusion matrix."""
+    config, p = ctx.config, ctx.encoder.patch_size
+    input_size, s = config.input_size, config.input_size // p
+    C, ignore = prep.val.num_classes, prep.val.ignore_index
+    dev = torch.device(ctx.device)
+    keys = torch.from_numpy(np.concatenate([np.asarray(k) for k in feats["keys"]])).float()
+    labels = torch.from_numpy(np.concatenate([np.asarray(lab) for lab in feats["labels"]])).to(dev)
     if keys.shape[0] == 0:
         raise ConfigError("the memory bank is empty (no labelled patches in the train split)")
     k = min(config.neighbours, keys.shape[0])
     index = build_index(keys, backend=config.backend, device=str(dev))
-    labels = labels.to(dev)
+    q = feats["val"]
     conf = ConfusionMatrix(C, ignore_index=ignore, device=str(dev))
-    n_val = len(val)
+    n_val = len(prep.val)
     chunk = config.query_chunk or max(1, int(64e6 // (C * input_size * input_size)))
     n_draw = min(config.save_predictions_count, n_val) if config.save_predictions else 0
     drawn: list[np.ndarray] = []
-    with progress_bar("retrieval", total=n_val, enabled=progress) as advance:
+    with progress_bar("retrieval", total=n_val, enabled=ctx.progress) as advance:
         for start in range(0, n_val, chunk):
             stop = min(n_val, start + chunk)
-            feats = torch.from_numpy(np.array(q["features"][start:stop], dtype=np.float32)).to(dev)
-            b = feats.shape[0]
-            queries = F.normalize(feats.reshape(-1, feats.shape[-1]), dim=-1)
+            val_feats = torch.from_numpy(np.array(q["features"][start:stop], dtype=np.float32)).to(dev)
+            b = val_feats.shape[0]
+            queries = F.normalize(val_feats.reshape(-1, val_feats.shape[-1]), dim=-1)
             sims, idx = index.search(queries, k)
-            sims = torch.as_tensor(sims, device=dev)
-            idx = torch.as_tensor(idx, device=dev)
-            scores = transfer_labels(sims, idx, labels, config.temperature, p * p)
+            scores = transfer_labels(torch.as_tensor(sims, device=dev), torch.as_tensor(idx, device=dev), labels,
+                                     config.temperature, p * p)
             scores = scores.view(b, s, s, C).permute(0, 3, 1, 2)
             scores = F.interpolate(scores, size=(input_size, input_size), mode="bilinear", align_corners=False)
             pred = scores.argmax(1)
-            gt = torch.from_numpy(np.array(q["masks"][start:stop])).to(dev)
-            conf.update(pred, gt)
+            conf.update(pred, torch.from_numpy(np.array(q["masks"][start:stop])).to(dev))
             if start < n_draw:
                 drawn.append(pred[: n_draw - start].to(torch.uint8).cpu().numpy())
             advance(b)
-    t_done = time.perf_counter()
-    artifacts = None
+    artifacts = []
     if n_draw:
-        from ..pictures import render_label_panels
+        images = [(prep.val.ids[i], prep.val[i][1]) for i in range(n_draw)]
+        artifacts = render_label_panels(Path(config.save_predictions), ctx.benchmark, images,
+                                        np.asarray(q["masks"][:n_draw]), [("prediction", np.concatenate(drawn))],
+                                        ignore)
 
-        images = [(val.ids[i], val[i][1]) for i in range(n_draw)]
-        artifacts = render_label_panels(Path(config.save_predictions), benchmark or f"{config.dataset}-incontext",
-                                        images, np.asarray(q["masks"][:n_draw]),
-                                        [("prediction", np.concatenate(drawn))], ignore)
-
-    names = val.class_names
+    names = prep.val.class_names
     hung = segmentation_scores(conf.matrix, matching="hungarian", class_names=names)
     ident = segmentation_scores(conf.matrix, matching="identity", class_names=names)
     metrics = {"miou": hung["miou"], "miou_identity": ident["miou"], "pixel_accuracy": ident["pixel_accuracy"],
-               "per_class_iou": ident["per_class_iou"]}
-    if config.dataset == "ade20k":
-        metrics["miou_150"] = segmentation_scores(conf.matrix, matching="hungarian", class_names=names,
-                                                  exclude=[0])["miou"]
-        metrics["miou_identity_150"] = segmentation_scores(conf.matrix, matching="identity", class_names=names,
-                                                           exclude=[0])["miou"]
+               "per_class_iou": ident["per_class_iou"],
+               **prep.family.class_means(conf.matrix, "hungarian"),
+               **prep.family.class_means(conf.matrix, "identity", prefix="miou_identity")}
+    retrieval = index.describe()
+    derived = {"memory_per_image": prep.per_image, "memory_per_image_clamped": prep.clamped,
+               "memory_rows": int(keys.shape[0]), "neighbours_used": k, "mean": list(prep.mean),
+               "std": list(prep.std), "train_list_resolved": prep.train_list, "retrieval": retrieval,
+               "metric_notes": {"miou": f"Hungarian-matched, pooled over val, {prep.family.mean_note()}",
+                                **_extra_mean_notes(prep.family)}}
+    return Outcome(metrics=metrics, derived=derived, dataset=split_record(prep.family.name, prep.val, prep.train),
+                   seeds={"protocol": config.seed}, artifacts=artifacts)
 
-    resolved = dataclasses.asdict(config)
-    resolved.update(input_size=input_size, memory_per_image=per_image, memory_per_image_clamped=clamped,
-                    memory_rows=int(keys.shape[0]), neighbours_used=k, mean=list(mean), std=list(std),
-                    train_list_resolved=id_list, metric_notes={
-                        "miou": "Hungarian-matched, pooled over val, mean over all classes"
-                                + (" (151 incl. ignored class 0, as published)" if config.dataset == "ade20k" else ""),
-                        "miou_150": "ADE20K mean over the 150 real classes" if config.dataset == "ade20k" else None})
-    resolved["retrieval"] = index.describe()
-    # Exact backends give the same neighbours; only an approximate index changes what is measured.
-    resolved["backend"] = "exact" if resolved["retrieval"].get("exact") else config.backend
-    return train_val_result(benchmark=benchmark or f"{config.dataset}-incontext", dataset_name=config.dataset,
-                            encoder=encoder, config=resolved, metrics=metrics, seed=config.seed, device=device,
-                            stats=stats, cache=cache, train=train, val=val, t_start=t_start,
-                            t_extracted=t_extracted, t_done=t_done, artifacts=artifacts)
+
+def _extra_mean_notes(family: DatasetFamily) -> dict:
+    if family.ignored_class is None:
+        return {}
+    return {f"miou_{family.num_classes - 1}": f"mean over the {family.num_classes - 1} classes other than "
+                                              f"the ignored class {family.ignored_class}"}

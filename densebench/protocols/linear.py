@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,18 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import open_dataset
-from ..data import splits as dataset_splits
+from ..data import DatasetFamily, SegmentationDataset, get_family, open_dataset
 from ..errors import ConfigError, DataError, choices_message
-from ..features import ExtractionStats, FeatureCache, extract
-from ..metrics import ConfusionMatrix, iou_per_class, mean_iou, segmentation_scores
+from ..metrics import ConfusionMatrix, segmentation_scores
+from ..options import ProtocolConfig, option
 from ..progress import progress_bar
 from ..transforms import LinearTrainView, ResizeView, normalisation
-from . import Benchmark, register
-from .common import check_input_size, train_val_result
-
-#: Config fields that do not change the measured numbers (beyond float rounding for ``upsample``).
-NON_SEMANTIC_FIELDS = {"batch_size", "num_workers", "upsample", "eval_chunk"}
+from .common import Outcome, RunContext, check_input_size, check_splits, protocol_runner, split_record
 
 UPSAMPLE_MODES = ("logits", "features")
 NORMALISATIONS = ("imagenet", "hbird-legacy", "encoder")
@@ -60,61 +54,57 @@ DEFAULT_TRAIN_VIEWS = 2
 
 
 @dataclass(frozen=True)
-class Config:
-    dataset: str = "voc"
-    input_size: int = 448                  # image side fed to the encoder (published 448)
-    train_views: int = DEFAULT_TRAIN_VIEWS  # cached augmented views per training image; epoch e uses view e mod N
-    crop_min_scale: float = 0.8            # RandomResizedCrop scale range (crop_min_scale, 1.0)
-    flip: bool = True                      # random horizontal flip (p=0.5) in the training views
-    train_mask_size: int = 100             # features/logits and masks are brought to this size for the loss
-    eval_size: int | None = None           # evaluation resolution; None = input_size (published: 448)
-    epochs: int = 25
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_drop_epoch: int = 20                # StepLR step size (epochs)
-    lr_gamma: float = 0.1
-    head_batch_size: int = 128             # images per SGD step of the head (published 128)
-    drop_last: bool = False                # drop the last incomplete head batch (the published VOC loader does)
-    select_on_val: bool = False            # LEGACY: report the epoch with the best val mIoU (at train_mask_size)
-    train_list: str | None = None          # explicit id list for the training split
-    normalization: str = "imagenet"        # imagenet (published), hbird-legacy, or encoder
-    upsample: str = "logits"               # logits: head at the patch grid, then upsample (exact); features: literal
-    seed: int = 400                        # head init, batch order and the augmentation draws
-    batch_size: int = 16                   # images per backbone forward during extraction
-    num_workers: int = 0
-    eval_chunk: int = 0                    # val images per evaluation chunk; 0 = sized automatically
+class Config(ProtocolConfig):
+    dataset: str = option("voc", "dataset family (set by the benchmark)")
+    input_size: int = option(448, "image side fed to the encoder, a multiple of the patch size (published 448)",
+                             min=1)
+    train_views: int = option(DEFAULT_TRAIN_VIEWS, "cached augmented views per training image; epoch e trains "
+                                                   "on view e mod N (N = --epochs: the published data stream)",
+                              min=1)
+    crop_min_scale: float = option(0.8, "RandomResizedCrop scale range (crop-min-scale, 1.0) of the training views",
+                                   min=0, max=1, min_exclusive=True)
+    flip: bool = option(True, "random horizontal flip (p=0.5) in the training views")
+    train_mask_size: int = option(100, "side of the training loss: logits and masks are brought to it", min=1)
+    eval_size: int | None = option(None, "evaluation resolution (published: the input size)", min=1,
+                                   none="input size")
+    epochs: int = option(25, "epochs of head training", min=1)
+    lr: float = option(0.01, "SGD learning rate of the head", min=0, min_exclusive=True)
+    momentum: float = option(0.9, "SGD momentum", min=0, max=1, max_exclusive=True)
+    weight_decay: float = option(1e-4, "SGD weight decay", min=0)
+    lr_drop_epoch: int = option(20, "StepLR step size in epochs", min=1)
+    lr_gamma: float = option(0.1, "StepLR factor", min=0, max=1, min_exclusive=True)
+    head_batch_size: int = option(128, "images per SGD step of the head (published 128)", min=1)
+    drop_last: bool = option(False, "drop the last incomplete head batch (the published VOC loader does)")
+    select_on_val: bool = option(False, "LEGACY: report the epoch with the best val mIoU (at --train-mask-size), "
+                                        "i.e. model selection on the evaluation set")
+    train_list: str | None = option(None, "file of ids for the training split (instead of the whole split)")
+    normalization: str = option("imagenet", "input normalisation; hbird-legacy = the reference's 0.255 std typo, "
+                                            "encoder = what the encoder declares", choices=NORMALISATIONS)
+    upsample: str = option("logits", "logits: head at the patch grid, then upsample (the same function, cheap); "
+                                     "features: the literal order", choices=UPSAMPLE_MODES, non_semantic=True)
+    seed: int = option(400, "seed of the head init, the batch order and the augmentation draws")
+    batch_size: int = option(16, "images per backbone forward", min=1, non_semantic=True)
+    num_workers: int = option(0, "data-loading worker processes", min=0, non_semantic=True)
+    eval_chunk: int = option(0, "val images per evaluation chunk; 0 = sized automatically", min=0,
+                             non_semantic=True)
 
-    def validate(self) -> None:
-        positive = {"input_size": self.input_size, "train_views": self.train_views, "epochs": self.epochs,
-                    "train_mask_size": self.train_mask_size, "lr_drop_epoch": self.lr_drop_epoch,
-                    "head_batch_size": self.head_batch_size, "batch_size": self.batch_size}
-        for name, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.eval_size is not None and self.eval_size < 1:
-            raise ConfigError(f"--eval-size must be >= 1 or none, got {self.eval_size}")
+    def check(self) -> None:
         if self.train_views > self.epochs:
             raise ConfigError(f"--train-views {self.train_views} exceeds --epochs {self.epochs}: epoch e trains on "
                               "view e mod train-views, so views beyond the number of epochs would never be used",
                               hint=f"use --train-views <= {self.epochs}")
-        if not 0.0 < self.crop_min_scale <= 1.0:
-            raise ConfigError(f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if not 0.0 < self.lr_gamma <= 1.0:
-            raise ConfigError(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
-        if self.upsample not in UPSAMPLE_MODES:
-            raise ConfigError(choices_message("--upsample", self.upsample, UPSAMPLE_MODES))
-        if self.normalization not in NORMALISATIONS:
-            raise ConfigError(choices_message("--normalization", self.normalization, NORMALISATIONS))
-        if self.num_workers < 0 or self.eval_chunk < 0:
-            raise ConfigError(f"--num-workers and --eval-chunk must be >= 0, got {self.num_workers}, "
-                              f"{self.eval_chunk}")
+
+
+def resolve_eval_size(eval_size: int | None, input_size: int) -> int:
+    """The evaluation resolution: the input size unless one is given (the published evaluation is at 448)."""
+    return eval_size if eval_size is not None else input_size
+
+
+def resolve_canonical(config: dict, model: dict) -> dict:
+    """A config as a run of ``model`` records it: the evaluation size filled from the input size."""
+    config = dict(config)
+    config["eval_size"] = resolve_eval_size(config.get("eval_size"), int(config["input_size"]))
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -270,92 +260,101 @@ def evaluate_head(head: nn.Conv2d, store: dict[str, np.ndarray], num_classes: in
 
 # ---------------------------------------------------------------------------------------------------
 
-def run(encoder, data_root, config: Config, *, device: str = "cpu", cache: FeatureCache | None = None,
-        progress: bool = True, benchmark: str | None = None) -> dict:
-    """Evaluate ``encoder`` with the linear segmentation probe; returns a validated result record."""
-    config.validate()
-    t_start = time.perf_counter()
-    p = encoder.patch_size
-    eval_size = config.eval_size or config.input_size
-    check_input_size(config.input_size, encoder)
-    mean, std = normalisation(config.normalization, encoder)
-    train_split, val_split = dataset_splits(config.dataset)
-    train = open_dataset(config.dataset, data_root, train_split, id_list=config.train_list)
-    val = open_dataset(config.dataset, data_root, val_split)
-    if len(train) == 0 or len(val) == 0:
-        raise ConfigError(f"{config.dataset}: empty split (train {len(train)}, val {len(val)} images)")
+run = protocol_runner(__name__, "-linear", "Evaluate ``encoder`` with the linear segmentation probe")
+
+
+@dataclass
+class Prepared:
+    family: DatasetFamily
+    train: SegmentationDataset
+    val: SegmentationDataset
+    mean: tuple
+    std: tuple
+
+
+def check_head_batches(n_train: int, config: Config, family: str, split: str) -> None:
+    """Refuse a head batch that leaves no training batch (drop_last and more images per batch than the split).
+
+    Without drop_last a batch larger than the split is legal: each epoch is one smaller batch.
+    """
+    if config.drop_last and config.head_batch_size > n_train:
+        raise ConfigError(f"--head-batch-size {config.head_batch_size} exceeds the {n_train} images of the "
+                          f"{family} {split} split: with --drop-last there would be no training batch",
+                          hint=f"use --head-batch-size <= {n_train} or pass --no-drop-last")
+
+
+def prepare(ctx: RunContext) -> Prepared:
+    """Open the train and val splits, resolve the evaluation size, refuse what cannot train."""
+    config = ctx.config
+    ctx.config = config = dataclasses.replace(
+        config, eval_size=resolve_eval_size(config.eval_size, config.input_size))
+    check_input_size(config.input_size, ctx.encoder)
+    mean, std = normalisation(config.normalization, ctx.encoder)
+    family = get_family(config.dataset)
+    train = open_dataset(family, ctx.data_root, family.train_split, id_list=config.train_list)
+    val = open_dataset(family, ctx.data_root, family.val_split)
+    check_splits(family.name, train=train, val=val)
     C, ignore = val.num_classes, val.ignore_index
     if train.num_classes != C or train.ignore_index != ignore:
-        raise ConfigError(f"{config.dataset}: train and val disagree on classes/ignore index "
+        raise ConfigError(f"{family.name}: train and val disagree on classes/ignore index "
                           f"({train.num_classes}/{train.ignore_index} vs {C}/{ignore})")
+    check_head_batches(len(train), config, family.name, train.split)
+    return Prepared(family, train, val, mean, std)
 
-    stats = ExtractionStats()
-    common = {"cache": cache, "device": device, "batch_size": config.batch_size,
-              "num_workers": config.num_workers, "progress": progress, "stats": stats}
+
+def extract_features(ctx: RunContext, prep: Prepared) -> dict:
+    """``train_views`` cached augmented views of the train split (full grids, masks at train_mask_size); val grids."""
+    config = ctx.config
     views = []
     for v in range(config.train_views):
-        view = LinearTrainView(config.input_size, config.train_mask_size, seed=config.seed, view=v, mean=mean,
-                               std=std, scale=(config.crop_min_scale, 1.0), flip=config.flip)
-        views.append(extract(encoder, train, view, key_parts={"view": view.describe(), "reduce": "full-f16"},
-                             desc=f"train view {v + 1}/{config.train_views}", **common))
-    # mask_size=None when the masks are kept at the input size: the same cache key as other protocols' val views
-    val_view = ResizeView(config.input_size, mask_size=None if eval_size == config.input_size else eval_size,
-                          mean=mean, std=std)
-    val_store = extract(encoder, val, val_view, key_parts={"view": val_view.describe(), "reduce": "full-f16"},
-                        desc="val features", **common)
-    t_extracted = time.perf_counter()
+        view = LinearTrainView(config.input_size, config.train_mask_size, seed=config.seed, view=v, mean=prep.mean,
+                               std=prep.std, scale=(config.crop_min_scale, 1.0), flip=config.flip)
+        views.append(ctx.extract(prep.train, view, desc=f"train view {v + 1}/{config.train_views}"))
+    # mask_size=None when the masks are kept at the input size: the same cache entry as the overclustering
+    # protocol's val view, so one val pass serves both.
+    mask_size = None if config.eval_size == config.input_size else config.eval_size
+    val = ctx.extract(prep.val, ResizeView(config.input_size, mask_size=mask_size, mean=prep.mean, std=prep.std),
+                      desc="val features")
+    return {"views": views, "val": val}
 
-    trained = train_head(views, C, ignore, config, device=device, val=val_store if config.select_on_val else None,
-                         progress=progress)
-    conf = evaluate_head(trained.head, val_store, C, ignore, eval_size, config.upsample, device=device,
-                         chunk=config.eval_chunk, progress=progress)
-    t_done = time.perf_counter()
 
-    scores = segmentation_scores(conf.matrix, matching="identity", class_names=val.class_names)
+def score(ctx: RunContext, prep: Prepared, feats: dict) -> Outcome:
+    """Train the head on the cached views, evaluate it on val at eval_size with identity-mapped mIoU."""
+    config = ctx.config
+    C, ignore = prep.val.num_classes, prep.val.ignore_index
+    val_store = feats["val"]
+    trained = train_head(feats["views"], C, ignore, config, device=ctx.device,
+                         val=val_store if config.select_on_val else None, progress=ctx.progress)
+    conf = evaluate_head(trained.head, val_store, C, ignore, config.eval_size, config.upsample, device=ctx.device,
+                         chunk=config.eval_chunk, progress=ctx.progress)
+
+    scores = segmentation_scores(conf.matrix, matching="identity", class_names=prep.val.class_names)
     metrics = {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
                "per_class_iou": scores["per_class_iou"], "train_loss_curve": trained.loss_curve}
     if trained.val_curve is not None:
         metrics["val_miou_curve"] = trained.val_curve
-    if config.dataset == "ade20k":
-        metrics["miou_150"] = mean_iou(iou_per_class(conf.matrix), exclude=[0])
+    metrics.update(prep.family.class_means(conf.matrix, "identity"))
 
-    s = config.input_size // p
-    resolved = dataclasses.asdict(config)
-    resolved.update(
-        eval_size=eval_size, patch_grid=s, mean=list(mean), std=list(std), crop_scale=[config.crop_min_scale, 1.0],
-        crop_ratio=[3 / 4, 4 / 3], train_list_resolved=config.train_list, steps=trained.steps,
-        skipped_batches=trained.skipped_batches,
-        reported_epoch=trained.selected_epoch or config.epochs,
-        metric_notes={
-            "miou": "identity-mapped mIoU pooled over val at eval_size, mean over all classes"
-                    + (" (151 incl. the ignored class 0, as published)" if config.dataset == "ade20k" else ""),
-            "miou_150": "ADE20K mean over the 150 real classes" if config.dataset == "ade20k" else None,
+    derived = {
+        "patch_grid": config.input_size // ctx.encoder.patch_size, "mean": list(prep.mean), "std": list(prep.std),
+        "crop_scale": [config.crop_min_scale, 1.0], "crop_ratio": [3 / 4, 4 / 3],
+        "train_list_resolved": config.train_list, "steps": trained.steps,
+        "skipped_batches": trained.skipped_batches, "reported_epoch": trained.selected_epoch or config.epochs,
+        "metric_notes": {
+            "miou": f"identity-mapped mIoU pooled over val at eval_size, {prep.family.mean_note()}",
+            **_extra_mean_notes(prep.family),
             "train_loss_curve": "mean cross-entropy of the head's SGD steps, per epoch",
             "reported_epoch": ("LEGACY --select-on-val: the epoch with the best val mIoU at train_mask_size, "
                                "i.e. model selection on the evaluation set" if config.select_on_val
                                else "the last epoch (no model selection on val)"),
-        })
-    return train_val_result(benchmark=benchmark or f"{config.dataset}-linear", dataset_name=config.dataset,
-                            encoder=encoder, config=resolved, metrics=metrics, seed=config.seed, device=device,
-                            stats=stats, cache=cache, train=train, val=val, t_start=t_start,
-                            t_extracted=t_extracted, t_done=t_done,
-                            dataset_extra={"train_id_source": train.extra.get("id_source")})
+        }}
+    dataset = split_record(prep.family.name, prep.val, prep.train,
+                           train_id_source=prep.train.extra.get("id_source"))
+    return Outcome(metrics=metrics, derived=derived, dataset=dataset, seeds={"protocol": config.seed})
 
 
-#: The embedded default's settings on the synthetic suite (seconds on a CPU). Its splits hold 48 training
-#: images, so the published batch of 128 would make one SGD step per epoch: batches of 4 and lr 0.1 give the
-#: head a usable optimisation budget (at lr 0.01 the 16-dimensional ``pixels`` features barely move it).
-_SYNTHETIC = {"input_size": 112, "train_mask_size": 28, "head_batch_size": 4, "lr": 0.1}
-
-register(Benchmark("voc-linear", "linear", "voc",
-                   "Linear segmentation probe (Leopart/NeCo), Pascal VOC 2012 (trainaug -> val), 21 classes",
-                   overrides={"drop_last": True}, synthetic=_SYNTHETIC))
-register(Benchmark("coco-things-linear", "linear", "coco-things",
-                   "Linear segmentation probe, COCO-Things (12 thing supercategories; fixed 10% train2017 list)",
-                   synthetic=_SYNTHETIC))
-register(Benchmark("coco-stuff-linear", "linear", "coco-stuff",
-                   "Linear segmentation probe, COCO-Stuff (15 stuff supercategories; fixed 10% train2017 list)",
-                   synthetic=_SYNTHETIC))
-register(Benchmark("ade20k-linear", "linear", "ade20k",
-                   "Linear segmentation probe, ADE20K (151-class mean as published; 150-class mean reported too)",
-                   synthetic=_SYNTHETIC))
+def _extra_mean_notes(family: DatasetFamily) -> dict:
+    if family.ignored_class is None:
+        return {}
+    return {f"miou_{family.num_classes - 1}": f"mean over the {family.num_classes - 1} classes other than "
+                                              f"the ignored class {family.ignored_class}"}

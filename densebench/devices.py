@@ -1,0 +1,23 @@
+"""Which torch device a run uses: one resolver for ``--device`` everywhere (evaluation, retrieval, neco_train)."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError, choices_message
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda``/``cuda:N`` must be available."""
+    device = str(device).strip().lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device} requested but CUDA is not available", hint="use --device cpu")
+        return device
+    raise ConfigError(choices_message("device", device, DEVICE_CHOICES))

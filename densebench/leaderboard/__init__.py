@@ -1,0 +1,43 @@
+"""Leaderboards: one JSON file of entries, validated, submitted to safely, rendered and compared.
+
+A leaderboard keeps two kinds of entries side by side (MTEB / lm-evaluation-harness style: a number
+is worth only as much as the record of how it was made):
+
+* ``measured``: made by ``densebench submit`` from a result record whose integrity hash checks out.
+  Its config is compared with the benchmark's canonical config (the protocol's published defaults);
+  a mismatch, or synthetic data, makes it *non-standard*, accepted only when asked for and always
+  shown as such.
+* ``published``: reference numbers copied verbatim from a paper or README, each with its citation
+  and the protocol variant as the source reports it. Sources that disagree stay separate entries.
+
+Writes happen under a file lock and through an atomic rename, so concurrent submissions both land
+and a failed write (full disk) leaves the previous file byte-identical.
+
+Modules: ``store`` (the file: schema version, validate, load, write), ``entries`` (result -> entry,
+canonical-config check), ``submit`` (the locked all-or-none submit), ``view`` (the models x benchmarks
+view and cell formatting), ``render`` (rich table, Markdown, CSV, HTML), ``page`` (the self-contained
+HTML page with ``board.css`` / ``board.js``), ``compare`` (two models side by side).
+"""
+
+from .compare import compare_models, model_entries, render_comparison
+from .entries import (architecture_label, benchmark_protocol, canonical_config, check_config,
+                      config_differences, entry_from_result, headline_metrics, published_entry_id,
+                      semantic_config)
+from .page import esc, html_page, html_select
+from .render import FORMATS, render, render_csv, render_html, render_markdown, render_table
+from .store import (LEADERBOARD_SCHEMA_VERSION, SOURCES, default_leaderboard, load_leaderboard,
+                    new_leaderboard, validate_leaderboard, write_leaderboard)
+from .submit import Submission, submit
+from .view import (NONSTANDARD_MARK, BoardView, Column, Row, benchmark_sort_key, build_view,
+                   short_fingerprint)
+
+__all__ = [
+    "FORMATS", "LEADERBOARD_SCHEMA_VERSION", "NONSTANDARD_MARK", "SOURCES",
+    "BoardView", "Column", "Row", "Submission",
+    "architecture_label", "benchmark_protocol", "benchmark_sort_key", "build_view", "canonical_config",
+    "check_config", "compare_models", "config_differences", "default_leaderboard", "entry_from_result",
+    "esc", "headline_metrics", "html_page", "html_select", "load_leaderboard", "model_entries",
+    "new_leaderboard", "published_entry_id", "render", "render_comparison", "render_csv", "render_html",
+    "render_markdown", "render_table", "semantic_config", "short_fingerprint", "submit",
+    "validate_leaderboard", "write_leaderboard",
+]
