@@ -120,8 +120,7 @@ _LINEAR_SYNTHETIC = {"input_size": 112, "train_mask_size": 28, "head_batch_size"
 _OVERCLUSTER_SYNTHETIC = {"input_size": 224, "clusters": ("gt", "500"), "seeds": 2, "kmeans_iters": 20,
                           "kmeans_restarts": 1}
 _CLASS_MEAN = {"voc": "21 classes", "ade20k": "151-class mean as published; 150-class mean reported too",
-               "coco-things": "12 thing supercategories; fixed 10% train2017 list",
-               "coco-stuff": "15 stuff supercategories; fixed 10% train2017 list"}
+               "coco-things": "fixed 10% train2017 list", "coco-stuff": "fixed 10% train2017 list"}
 
 _SPECS = [
     spec("voc-incontext", incontext, VOC,
@@ -130,14 +129,14 @@ _SPECS = [
     spec("ade20k-incontext", incontext, ADE20K,
          "Hummingbird in-context retrieval segmentation, ADE20K (151-class mean as published)",
          main_metric="miou", citations=(HBIRD, HBIRD_CODE), synthetic={"input_size": 224}),
-    *[spec(f"{fam.name}-linear", linear, fam, f"Linear segmentation probe (Leopart/NeCo), {fam.title} "
-           f"({fam.train_split} -> {fam.val_split}; {_CLASS_MEAN[fam.name]})", main_metric="miou",
+    *[spec(f"{fam.name}-linear", linear, fam, f"Linear segmentation probe (Leopart/NeCo), {fam.title}: "
+           f"{fam.train_split} -> {fam.val_split}; {_CLASS_MEAN[fam.name]}", main_metric="miou",
            citations=(LEOPART, NECO), overrides={"drop_last": True} if fam is VOC else {},
            synthetic=_LINEAR_SYNTHETIC)
       for fam in (VOC, ADE20K, COCO_THINGS, COCO_STUFF)],
     *[spec(f"{fam.name}-overcluster", overcluster, fam,
            f"K-means (over)clustering of val tokens with Hungarian (K=gt) / many-to-one matching, {fam.title} "
-           f"{fam.val_split} ({_CLASS_MEAN[fam.name].split(';')[0]})",
+           f"{fam.val_split}",
            main_metric="miou@500", headline=("miou@gt", "miou@300", "miou@500"), citations=(LEOPART, NECO),
            synthetic=_OVERCLUSTER_SYNTHETIC)
       for fam in (VOC, ADE20K, COCO_THINGS, COCO_STUFF)],

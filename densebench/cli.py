@@ -95,7 +95,36 @@ def _print_comparison(results: list[dict]) -> None:
     out.print(table)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def protocol_options_epilog() -> str:
+    """The protocol options of every benchmark, from their declarations (shown by `densebench run --help`)."""
+    from rich.markup import escape
+
+    from .benchmark_table import benchmarks
+
+    paragraphs, seen = ["Protocol options (--name value; details: densebench list benchmarks --options):"], set()
+    for b in benchmarks():
+        if b.protocol_name in seen:
+            continue
+        seen.add(b.protocol_name)
+        opts = ", ".join(f"{o.flag} ({o.accepts or o.type}; default {o.default_text})"
+                         for o in b.config_class.options())
+        paragraphs.append(escape(f"{b.protocol_name}: {opts}"))
+    return "\n\n".join(paragraphs)
+
+
+class RunCommand(typer.core.TyperCommand):
+    """`run` with its epilog built from the option declarations when help is shown (not at import)."""
+
+    @property
+    def epilog(self) -> str:
+        return protocol_options_epilog()
+
+    @epilog.setter
+    def epilog(self, value) -> None:  # click sets it in __init__; the declarations are the source
+        pass
+
+
+@app.command(cls=RunCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run(
     ctx: typer.Context,
     model: str | None = typer.Option(None, "--model", "-m", help="Model string: a registry name "
@@ -200,11 +229,16 @@ def list_benchmarks(options: bool = typer.Option(False, "--options", help="Show 
             "options": [o.as_dict() for o in b.config_class.options()] if options else None}
             for b in specs}, default=str))
         return
+    # Names and metrics are never cut; protocol and dataset (both in the name) only when there is room.
+    wide = out.width >= 110
+    cols = ("name", "protocol", "dataset", "metric", "description") if wide else ("name", "metric", "description")
     table = Table(title="benchmarks")
-    for col in ("name", "protocol", "dataset", "metric", "description"):
-        table.add_column(col, no_wrap=col != "description", overflow="fold")
+    for col in cols:
+        table.add_column(col, no_wrap=col != "description", overflow="fold", ratio=1 if col == "description" else None)
     for b in specs:
-        table.add_row(b.name, b.protocol_name, b.dataset.name, b.main_metric, b.description)
+        values = {"name": b.name, "protocol": b.protocol_name, "dataset": b.dataset.name, "metric": b.main_metric,
+                  "description": b.description}
+        table.add_row(*(values[c] for c in cols))
     out.print(table)
     if options:
         seen = set()
@@ -217,7 +251,7 @@ def list_benchmarks(options: bool = typer.Option(False, "--options", help="Show 
                 t.add_column(col, no_wrap=col == "option", overflow="fold")
             for o in b.config_class.options():
                 note = " (does not change the numbers)" if o.non_semantic else ""
-                t.add_row(o.flag, str(o.default), o.accepts or o.type, o.help + note)
+                t.add_row(o.flag, o.default_text, o.accepts or o.type, o.help + note)
             out.print(t)
 
 

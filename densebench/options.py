@@ -130,7 +130,22 @@ class OptionInfo:
     non_semantic: bool
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "default_text": self.default_text}
+
+    @property
+    def default_text(self) -> str:
+        """The default as a user types it: on/off, comma lists, ``-`` for no value."""
+        return option_text(self.default)
+
+
+def option_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "-"
+    if isinstance(value, (tuple, list)):
+        return ",".join(option_text(v) for v in value)
+    return str(value)
 
 
 def type_label(annotation: Any) -> str:
