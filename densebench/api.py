@@ -16,6 +16,7 @@ from .errors import ConfigError, DataError, ResultError, choices_message
 from .features import FeatureCache
 from .paths import cache_dir as resolve_cache_dir
 from .paths import data_home, slug
+from .progress import job as progress_job
 from .results import Result, write_result
 
 #: Built-in offline encoders used by the embedded default run.
@@ -157,8 +158,10 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
     paths = output_paths(output, benches, overwrite=overwrite)
     cache = FeatureCache(resolve_cache_dir(cache_dir) if use_cache else None)
     results = []
-    for b in benches:
-        result = b.run(encoder, root, configs[b.name], device=device, cache=cache, progress=progress)
+    for i, b in enumerate(benches):
+        label = f"{encoder.name} · {b.name}" + (f" · job {i + 1}/{len(benches)}" if len(benches) > 1 else "")
+        with progress_job(label):
+            result = b.run(encoder, root, configs[b.name], device=device, cache=cache, progress=progress)
         if paths[b.name] is not None:
             write_result(result, paths[b.name], overwrite=overwrite)
         results.append(result)
@@ -185,8 +188,9 @@ def embedded_default(out_dir: str | Path = "densebench-results", *, cache_dir: s
         n += 1
         run_dir = Path(out_dir) / f"{stamp}-{n}"
     results = []
-    for model in models:
-        for b in benchmarks():
+    jobs = [(model, b) for model in models for b in benchmarks()]
+    for i, (model, b) in enumerate(jobs):
+        with progress_job(f"job {i + 1}/{len(jobs)}"):
             results += evaluate(model, benchmarks=[b.name], data_root=suite, device=device, cache_dir=cache_root,
                                 output=run_dir / slug(model) / f"{b.name}.json", progress=progress,
                                 options=dict(b.synthetic), on_result=on_result)

@@ -26,6 +26,18 @@ out = Console()
 err = Console(stderr=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"densebench {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                               help="Print the version and exit.")) -> None:
+    """densebench: how good are this encoder's patch features?"""
+
+
 def parse_extra_options(args: list[str]) -> dict[str, str]:
     """`--memory-size all --neighbours=10 --flag` -> {"memory_size": "all", "neighbours": "10", "flag": "true"}."""
     opts: dict[str, str] = {}
