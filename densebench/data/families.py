@@ -80,6 +80,13 @@ class DatasetFamily:
         return (f"mean over all {self.num_classes} classes including the ignored class {self.ignored_class}, "
                 "as published")
 
+    def class_mean_notes(self) -> dict[str, str]:
+        """Result notes for the extra mean :meth:`class_means` reports (none without an ``ignored_class``)."""
+        if self.ignored_class is None:
+            return {}
+        return {f"miou_{self.num_classes - 1}": f"mean over the {self.num_classes - 1} classes other than the "
+                                                f"ignored class {self.ignored_class}"}
+
     def class_means(self, conf: np.ndarray, matching: str, *, prefix: str = "miou") -> dict[str, float]:
         """The extra mean a family with an ``ignored_class`` reports (ADE20K: ``miou_150``); else nothing."""
         if self.ignored_class is None:

@@ -290,13 +290,6 @@ def score(ctx: RunContext, prep: Prepared, feats: dict) -> Outcome:
                "memory_rows": int(keys.shape[0]), "neighbours_used": k, "mean": list(prep.mean),
                "std": list(prep.std), "train_list_resolved": prep.train_list, "retrieval": retrieval,
                "metric_notes": {"miou": f"Hungarian-matched, pooled over val, {prep.family.mean_note()}",
-                                **_extra_mean_notes(prep.family)}}
+                                **prep.family.class_mean_notes()}}
     return Outcome(metrics=metrics, derived=derived, dataset=split_record(prep.family.name, prep.val, prep.train),
                    seeds={"protocol": config.seed}, artifacts=artifacts)
-
-
-def _extra_mean_notes(family: DatasetFamily) -> dict:
-    if family.ignored_class is None:
-        return {}
-    return {f"miou_{family.num_classes - 1}": f"mean over the {family.num_classes - 1} classes other than "
-                                              f"the ignored class {family.ignored_class}"}

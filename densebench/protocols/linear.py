@@ -342,7 +342,7 @@ def score(ctx: RunContext, prep: Prepared, feats: dict) -> Outcome:
         "skipped_batches": trained.skipped_batches, "reported_epoch": trained.selected_epoch or config.epochs,
         "metric_notes": {
             "miou": f"identity-mapped mIoU pooled over val at eval_size, {prep.family.mean_note()}",
-            **_extra_mean_notes(prep.family),
+            **prep.family.class_mean_notes(),
             "train_loss_curve": "mean cross-entropy of the head's SGD steps, per epoch",
             "reported_epoch": ("LEGACY --select-on-val: the epoch with the best val mIoU at train_mask_size, "
                                "i.e. model selection on the evaluation set" if config.select_on_val
@@ -351,10 +351,3 @@ def score(ctx: RunContext, prep: Prepared, feats: dict) -> Outcome:
     dataset = split_record(prep.family.name, prep.val, prep.train,
                            train_id_source=prep.train.extra.get("id_source"))
     return Outcome(metrics=metrics, derived=derived, dataset=dataset, seeds={"protocol": config.seed})
-
-
-def _extra_mean_notes(family: DatasetFamily) -> dict:
-    if family.ignored_class is None:
-        return {}
-    return {f"miou_{family.num_classes - 1}": f"mean over the {family.num_classes - 1} classes other than "
-                                              f"the ignored class {family.ignored_class}"}
