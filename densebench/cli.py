@@ -163,6 +163,8 @@ def run(
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="Feature cache (default $DENSEBENCH_CACHE "
                                             "or the user cache dir)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
+    verify_data: bool = typer.Option(False, "--verify-data", help="Identify the data by its contents (a hash of "
+                                        "every image and mask) instead of size + mtime: reads all the data once."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Evaluate an encoder. With no arguments: every benchmark on the built-in synthetic suite (offline, CPU).
@@ -181,7 +183,7 @@ def run(
         norm = feature_norm.lower() == "on"
     common = {"input_size": input_size, "batch_size": batch_size, "seed": seed, "num_workers": num_workers}
     if model is None:
-        if data_root or weights or extra or any(v is not None for v in common.values()):
+        if data_root or weights or extra or verify_data or any(v is not None for v in common.values()):
             raise ConfigError("--model is required when other options are given",
                               hint="`densebench run` with no arguments runs the embedded default; "
                                    "otherwise name the model, e.g. --model dinov2_vits14")
@@ -200,37 +202,40 @@ def run(
     opts = {**common, **extra}
     api.evaluate(model, weights=weights, benchmarks=benchmark, data_root=data_root, device=device,
                  cache_dir=cache_dir, use_cache=not no_cache, output=output, overwrite=overwrite,
-                 progress=not quiet, layer=layer, feature_norm=norm, options=opts,
+                 progress=not quiet, layer=layer, feature_norm=norm, options=opts, verify_data=verify_data,
                  on_result=lambda b, r, p: rows.append((model, r, p)))
     _print_results(rows)
 
 
-@list_app.command("models")
-def list_models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Named encoders, their source and whether their weights are available offline."""
-    from .encoders import list_models as _list
+FORMAT_HELP = "table (default), json, csv, markdown or plain (tab-separated)."
 
-    models = _list()
-    if as_json:
-        out.print_json(json.dumps(models, default=str))
-        return
-    table = Table(title="models (plus timm:<arch>, hf:<repo>, random:<arch>, pixels, neco:<ckpt>, pkg.mod:factory)")
-    keys = ["name", "arch", "patch_size", "native_size", "offline", "source"]
-    for k in keys:
-        table.add_column(k, no_wrap=k in ("name", "arch"), overflow="ellipsis" if k == "source" else "fold")
-    for m in models:
-        table.add_row(*[str(m.get(k, "")) for k in keys])
-    out.print(table)
+
+@list_app.command("models")
+def list_models(fmt: str = typer.Option("table", "--format", "-f", help=FORMAT_HELP),
+                as_json: bool = typer.Option(False, "--json", help="Same as --format json.")) -> None:
+    """Named encoders, their source and whether their weights are available offline.
+
+    Besides these names: timm:<arch>, hf:<repo>, random:<arch>, pixels, neco:<ckpt>, pkg.mod:factory.
+    """
+    from .encoders import list_models as _list
+    from .tables import Col, emit
+
+    columns = [Col("name", role="key"), Col("patch_size", "patch", "number"), Col("native_size", "size", "number"),
+               Col("offline", role="key"), Col("arch", role="secondary"), Col("source", role="text")]
+    emit(out, _list(), columns, "json" if as_json else fmt, title="models")
 
 
 @list_app.command("benchmarks")
 def list_benchmarks(options: bool = typer.Option(False, "--options", help="Show each protocol's options."),
-                    as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Benchmarks with their protocol, dataset and published defaults."""
+                    fmt: str = typer.Option("table", "--format", "-f", help=FORMAT_HELP),
+                    as_json: bool = typer.Option(False, "--json", help="Every field as JSON (configs, citations).")
+                    ) -> None:
+    """Benchmarks with their protocol, dataset, headline metric and published defaults."""
     import dataclasses
 
     from .benchmark_table import benchmarks
     from .results import jsonable
+    from .tables import Col, emit
 
     specs = benchmarks()
     if as_json:
@@ -241,30 +246,22 @@ def list_benchmarks(options: bool = typer.Option(False, "--options", help="Show 
             "options": [o.as_dict() for o in b.config_class.options()] if options else None}
             for b in specs}, default=str))
         return
-    # Names and metrics are never cut; protocol and dataset (both in the name) only when there is room.
-    wide = out.width >= 110
-    cols = ("name", "protocol", "dataset", "metric", "description") if wide else ("name", "metric", "description")
-    table = Table(title="benchmarks")
-    for col in cols:
-        table.add_column(col, no_wrap=col != "description", overflow="fold", ratio=1 if col == "description" else None)
+    rows = [{"name": b.name, "protocol": b.protocol_name, "dataset": b.dataset.name, "metric": b.main_metric,
+             "description": b.description} for b in specs]
+    emit(out, rows, [Col("name", role="key"), Col("metric", role="key"), Col("protocol", role="secondary"),
+                     Col("dataset", role="secondary"), Col("description")], fmt, title="benchmarks")
+    if not options:
+        return
+    seen = set()
     for b in specs:
-        values = {"name": b.name, "protocol": b.protocol_name, "dataset": b.dataset.name, "metric": b.main_metric,
-                  "description": b.description}
-        table.add_row(*(values[c] for c in cols))
-    out.print(table)
-    if options:
-        seen = set()
-        for b in specs:
-            if b.protocol_name in seen:
-                continue
-            seen.add(b.protocol_name)
-            t = Table(title=f"{b.protocol_name} options (published defaults)")
-            for col in ("option", "default", "accepts", "meaning"):
-                t.add_column(col, no_wrap=col == "option", overflow="fold")
-            for o in b.config_class.options():
-                note = " (does not change the numbers)" if o.non_semantic else ""
-                t.add_row(o.flag, o.default_text, o.accepts or o.type, o.help + note)
-            out.print(t)
+        if b.protocol_name in seen:
+            continue
+        seen.add(b.protocol_name)
+        rows = [{"option": o.flag, "default": o.default_text, "accepts": o.accepts or o.type,
+                 "meaning": o.help + (" (does not change the numbers)" if o.non_semantic else "")}
+                for o in b.config_class.options()]
+        emit(out, rows, [Col("option", role="key"), Col("default", role="key"), Col("accepts", role="key"),
+                         Col("meaning")], fmt, title=f"{b.protocol_name} options (published defaults)")
 
 
 @data_app.command("verify")
@@ -344,10 +341,11 @@ def version() -> None:
 
 
 def _register_subcommands() -> None:
-    from . import cli_board, cli_cache
+    from . import cli_board, cli_cache, cli_reproduce
 
     cli_board.register(app)
     cli_cache.register(app)
+    cli_reproduce.register(app)
 
 
 _register_subcommands()
@@ -357,9 +355,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except DenseBenchError as e:
-        err.print(f"[bold red]error:[/] {e.message}", highlight=False)
+        from rich.markup import escape
+
+        # User text (paths, model names) is printed as typed: no markup, no :emoji: codes, no hard wraps.
+        style = {"highlight": False, "emoji": False, "soft_wrap": True}
+        err.print(f"[bold red]error:[/] {escape(e.message)}", **style)
         if e.hint:
-            err.print(f"[bold]fix:[/] {e.hint}", highlight=False)
+            err.print(f"[bold]fix:[/] {escape(e.hint)}", **style)
         sys.exit(e.exit_code)
 
 

@@ -5,7 +5,8 @@
     neco_train --data DIR --dry-run                 # time a few steps, print the projected epoch time
     neco_train --data DIR --bench voc-incontext,coco-things-linear --bench-data-root /data
 
-User errors (DenseBenchError) print one message with its fix and exit with code 2, without a traceback.
+User errors (DenseBenchError) print one message with its fix and exit with code 2, without a traceback;
+Ctrl-C prints one line with the step reached and the command that continues the run, and exits with 130.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shlex
 import sys
 import typing
 from typing import Any
@@ -41,8 +44,15 @@ HELP = {
     "workers": "data-loading processes per training process",
     "max_steps": "stop after this many steps (the schedules still span all epochs)",
     "save_every": "also checkpoint every N steps (0: at the end of each epoch and of the run)",
-    "resume": "run folder or train_state.pt to continue from (must match this configuration)",
+    "resume": "run folder or train_state.pt to continue from (must match this configuration and data)",
+    "overwrite": "replace the run already in --output (its checkpoints and log are deleted) instead of refusing",
 }
+
+
+class Interrupted(DenseBenchError):
+    """Ctrl-C (SIGINT) during training; the message says where the run stopped and how to continue it."""
+
+    exit_code = 130
 
 
 def _base_type(annotation: Any) -> tuple[Any, bool]:
@@ -116,6 +126,7 @@ def run_cli(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("global_scale", "local_scale"):
         values[name] = tuple(values[name])
     cfg = TrainConfig(**values)
+    cfg.validate()  # every value is checked before any work
     bench_names = [b.strip() for b in (args.bench or "").split(",") if b.strip()]
     bench_options = _bench_options(args.bench_option)
     if bench_names:  # fail on a bad benchmark name or data root before hours of training
@@ -128,13 +139,16 @@ def run_cli(argv: list[str] | None = None) -> dict[str, Any]:
 
     dist = init_distributed(cfg.device)
     try:
-        trainer = Trainer(cfg, dist)
+        trainer = Trainer(cfg, dist, dry_run=args.dry_run is not None)
         if args.dry_run is not None:
             summary = trainer.dry_run(max(1, args.dry_run))
             if dist.is_main:
                 _print_dry_run(summary)
             return {"dry_run": summary}
-        summary = trainer.fit()
+        try:
+            summary = trainer.fit()
+        except KeyboardInterrupt:
+            raise Interrupted(_interrupted(trainer, sys.argv[1:] if argv is None else argv)) from None
         dist.barrier()  # every rank is done training; the benchmarks below run on rank 0 alone
         if dist.is_main:
             print(f"neco_train: {summary['steps']} steps; checkpoint {summary['checkpoint']}", file=sys.stderr)
@@ -163,9 +177,40 @@ def _print_dry_run(s: dict[str, Any]) -> None:
           f"{hms(s['seconds_total'])} for the whole run")
 
 
+def _interrupted(trainer: Any, argv: list[str]) -> str:
+    """Where an interrupted run stopped, and the exact command that continues it."""
+    args, skip = [], False
+    for a in argv:  # the same command without --resume/--overwrite, which the continuation sets itself
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not (a.startswith("--resume=") or a in ("--overwrite", "--no-overwrite")):
+            args.append(a)
+    world, program = trainer.dist.world_size, ["neco_train"]
+    if world > 1 and "SLURM_PROCID" in os.environ:
+        program = ["srun", "-n", str(world), "neco_train"]
+    elif world > 1:
+        program = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world)), "-m", "neco_train"]
+    if trainer.saved_step is None:
+        return (f"interrupted at step {trainer.step} before the first checkpoint; start again with: "
+                f"{shlex.join(program + args + ['--overwrite'])}")
+    state = trainer.state_path
+    resume = str(trainer.out) if state == trainer.out / "train_state.pt" else str(state)
+    return (f"interrupted at step {trainer.step}; the last checkpoint is step {trainer.saved_step} "
+            f"({trainer.last_checkpoint}); resume with: {shlex.join(program + args + ['--resume', resume])}")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         run_cli(argv)
+    except Interrupted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"neco_train: {e.message}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("neco_train: interrupted", file=sys.stderr)
+        sys.exit(Interrupted.exit_code)
     except DenseBenchError as e:
         print(f"error: {e.message}", file=sys.stderr)
         if e.hint:

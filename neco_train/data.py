@@ -14,6 +14,7 @@ any number of processes or workers, and a resumed run, therefore sees the same g
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +52,15 @@ def find_images(root: str | os.PathLike) -> tuple[list[Path], str]:
         raise DataError(f"no images found under {folder} (looked for {', '.join(IMAGE_SUFFIXES)})",
                         hint="point --data at a folder that contains training images")
     return files, layout
+
+
+def data_identity(root: str | os.PathLike, files: list[Path]) -> dict:
+    """What a resumed run checks it trains on: the image folder and the sha256 of its sorted list of
+    (relative path, size in bytes), which tells other images apart even when their names repeat."""
+    folder, _ = resolve_image_root(root)
+    names = "\n".join(sorted(f"{p.relative_to(folder).as_posix()}\t{p.stat().st_size}" for p in files))
+    return {"root": str(folder.resolve()), "n_images": len(files),
+            "sha256": hashlib.sha256(names.encode()).hexdigest()}
 
 
 def _load_rgb(path: Path) -> Image.Image:

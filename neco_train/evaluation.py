@@ -21,7 +21,7 @@ from .model import BaseModel
 def check_bench(names: list[str], data_root: str | os.PathLike | None) -> None:
     """Fail fast (before training) on an unknown benchmark or a missing data root."""
     from densebench.paths import data_home
-    from densebench.protocols import get_benchmark
+    from densebench.benchmark_table import get_benchmark
 
     for name in names:
         get_benchmark(name)
@@ -38,7 +38,7 @@ def before_after(base: BaseModel, checkpoint: str | os.PathLike | None, names: l
     """Evaluate base and trained model on ``names``; print and return one row per benchmark."""
     from densebench.api import evaluate
     from densebench.encoders import load_encoder
-    from densebench.protocols import get_benchmark
+    from densebench.benchmark_table import get_benchmark
 
     if checkpoint is None:
         raise ConfigError("there is no trained checkpoint to benchmark")

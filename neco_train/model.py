@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densebench.errors import ModelError
+from densebench.errors import DenseBenchError, ModelError
 
 
 class ProjectionHead(nn.Module):
@@ -63,7 +64,13 @@ class NecoNet(nn.Module):
     def forward(self, *crops: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One output per crop batch (crops of one resolution each), so that a DDP-wrapped student runs
         every resolution in a single forward call."""
-        return tuple(F.normalize(self.head(self.backbone(images)), dim=-1) for images in crops)
+        return tuple(F.normalize(self.head(self.features(images)), dim=-1) for images in crops)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's (B, h, w, C) patch tokens, without ``DenseEncoder.forward``'s bookkeeping: its
+        Python counter (``images_forwarded``) would change on every call and make ``torch.compile``
+        recompile the student every step. Crop sizes are checked once, by ``TrainConfig.crop_config``."""
+        return self.backbone._features(images, self.backbone.layer, self.backbone.norm)
 
 
 @dataclass
@@ -94,7 +101,8 @@ def load_base(model: str, *, weights: str | None = None, model_kwargs: dict[str,
     from densebench.encoders import REGISTRY, load_encoder
     from densebench.encoders.timm_encoder import TimmEncoder
 
-    encoder = load_encoder(model, weights=weights, model_kwargs=model_kwargs, pos_interp=pos_interp)
+    with download_lock(model, weights):
+        encoder = load_encoder(model, weights=weights, model_kwargs=model_kwargs, pos_interp=pos_interp)
     if not isinstance(encoder, TimmEncoder):
         raise ModelError(f"neco_train needs a timm ViT backbone; {model!r} loads as {type(encoder).__name__}",
                          hint="use a registry name, timm:<arch>, random:<arch> or neco:<checkpoint>")
@@ -116,6 +124,34 @@ def load_base(model: str, *, weights: str | None = None, model_kwargs: dict[str,
                      native_size=encoder.native_size, pos_interp=encoder.pos_interp,
                      state_dict={k: v.detach().clone() for k, v in net.state_dict().items()},
                      model_kwargs_given=dict(model_kwargs or {}))
+
+
+def download_lock(model: str, weights: str | None) -> AbstractContextManager:
+    """A file lock next to the cached file of ``model``'s published weights, taken only when they still
+    have to be downloaded: of several ranks (or jobs) sharing the cache one downloads, the others wait
+    for the lock and then read the file it wrote."""
+    from densebench.encoders import REGISTRY
+    from densebench.encoders.weights import offline
+
+    if weights or offline():
+        return nullcontext()
+    try:
+        if model in REGISTRY:
+            source = REGISTRY[model].source
+        elif model.startswith("timm:"):
+            from densebench.encoders import _timm_pretrained_source
+            source = _timm_pretrained_source(model[5:])
+        else:
+            return nullcontext()
+    except DenseBenchError:  # no published weights: load_encoder reports it
+        return nullcontext()
+    if source.find_local() is not None:
+        return nullcontext()
+    import filelock
+
+    lock = source.local_path().with_name(source.filename + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    return filelock.FileLock(str(lock))
 
 
 def build_backbone(base: BaseModel, *, drop_path: float = 0.0, name: str = "neco-student") -> nn.Module:

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from densebench.errors import ConfigError, DataError, DenseBenchError, choices_message
+from densebench.results import atomic_write_text
 
 from . import checkpoint as ckpt
 from .crops import CropConfig
-from .data import GlobalBatchSampler, NecoViews, collate, find_images
+from .data import GlobalBatchSampler, NecoViews, collate, data_identity, find_images
 from .distributed import DistContext, init_distributed
 from .loss import DEFAULT_LOG_FLOOR, neighbor_ranking_loss
 from .model import (
@@ -113,6 +117,7 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     resume: str | None = None
+    overwrite: bool = False
 
     def validate(self) -> None:
         choices = {"references": ("queue", "batch"), "queue_scope": ("global", "process"),
@@ -123,14 +128,18 @@ class TrainConfig:
             if getattr(self, name) not in accepted:
                 raise ConfigError(choices_message(name.replace("_", "-"), getattr(self, name),
                                                   [a for a in accepted if a is not None]))
-        positive = ("epochs", "batch_size", "local_size", "roi_size", "head_hidden", "head_out", "head_layers",
-                    "queue_length", "queue_per_image", "log_every")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
-        for name in ("student_steepness", "teacher_steepness"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0; got {getattr(self, name)}")
+        rules = {
+            ">= 1": (lambda v: v >= 1, ("epochs", "batch_size", "local_size", "roi_size", "head_hidden", "head_out",
+                                        "head_layers", "queue_length", "queue_per_image", "log_every")),
+            ">= 0": (lambda v: v >= 0, ("workers", "save_every", "warmup_steps", "final_lr", "weight_decay",
+                                        "weight_decay_end")),
+            "> 0": (lambda v: v > 0, ("lr_backbone", "lr_head", "student_steepness", "teacher_steepness")),
+        }
+        for rule, (ok, names) in rules.items():  # every value is checked before any work is done
+            for name in names:
+                value = getattr(self, name)
+                if not (math.isfinite(value) and ok(value)):
+                    raise ConfigError(f"--{name.replace('_', '-')} must be {rule}; got {value}")
         if not 0 <= self.drop_path < 1:
             raise ConfigError(f"--drop-path must be in [0, 1); got {self.drop_path}")
         if not (0 <= self.momentum <= 1 and 0 <= self.momentum_end <= 1):
@@ -163,7 +172,10 @@ def default_global_size(patch_size: int) -> int:
 
 #: Settings that may change between a run and its resumption (they do not change what is computed).
 RESUME_FREE = {"output", "data", "device", "compile", "workers", "max_steps", "save_every", "log_every", "progress",
-               "resume"}
+               "resume", "overwrite"}
+
+#: What a run writes into its --output folder (besides checkpoints/); any of them marks the folder as a run.
+RUN_FILES = ("train_state.pt", "last.safetensors", "last.json", "log.jsonl", "config.json")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -386,8 +398,8 @@ def resolve_device(device: str, dist: DistContext) -> torch.device:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device} requested but CUDA is not available", hint="use --device cpu")
-        if device == "cuda":
-            device = f"cuda:{dist.local_rank}"
+        if device == "cuda":  # local rank -> GPU; a task that sees one GPU (srun --gpus-per-task) uses it
+            device = f"cuda:{dist.local_rank % max(1, torch.cuda.device_count())}"
         torch.cuda.set_device(torch.device(device))
     elif device != "cpu":
         raise ConfigError(choices_message("device", device, ["auto", "cpu", "cuda", "cuda:N"]))
@@ -397,15 +409,21 @@ def resolve_device(device: str, dist: DistContext) -> torch.device:
 class Trainer:
     """Builds everything from a :class:`TrainConfig` and runs it; one instance per process."""
 
-    def __init__(self, cfg: TrainConfig, dist: DistContext | None = None, *, base: BaseModel | None = None):
+    def __init__(self, cfg: TrainConfig, dist: DistContext | None = None, *, base: BaseModel | None = None,
+                 dry_run: bool = False):
         cfg.validate()
         self.cfg = cfg
         self.dist = dist or DistContext()
+        self.out = Path(cfg.output).expanduser()
+        # before any rank writes (DDP's construction below synchronises the ranks) and before any work;
+        # a dry run writes nothing, so any --output is fine for it
+        self.replace_output = False if dry_run else self._check_output()
         self.device = resolve_device(cfg.device, self.dist)
+        self.dist.device = self.device
         torch.manual_seed(cfg.seed + self.dist.rank)  # drop-path draws
         self.autocast = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.out = Path(cfg.output).expanduser()
         self.files, self.layout = find_images(cfg.data)  # cheap checks before loading any weights
+        self.data_identity = data_identity(cfg.data, self.files)
         self.base = base or load_base(cfg.model, weights=cfg.weights, model_kwargs=cfg.model_kwargs or None,
                                       pos_interp=cfg.pos_interp)
         self.crops = cfg.crop_config(self.base.patch_size)
@@ -434,9 +452,62 @@ class Trainer:
         self.dataset = NecoViews(self.files, self.crops, cfg.seed)
         self.step = 0
         self.last_checkpoint: Path | None = None
+        self.saved_step: int | None = None  # the step of the newest train_state, and where it is
+        self.state_path: Path | None = None
         self.skipped_images = 0
         if cfg.resume:
             self._resume(cfg.resume)
+
+    def _check_output(self) -> bool:
+        """Refuse an --output that is a file, or that holds a run this one is not resuming (unless
+        --overwrite). Returns whether an existing run's files are to be replaced."""
+        cfg, out = self.cfg, self.out
+        existing = next((p for p in (out, *out.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ConfigError(f"--output {out} cannot be a run folder: {existing} is a file",
+                              hint="pass a folder path to --output (it is created if missing)")
+        found = [name for name in (*RUN_FILES, "checkpoints") if (out / name).exists()]
+        if not found:
+            return False
+        resume_dir = None
+        if cfg.resume:
+            resume_dir = Path(cfg.resume).expanduser()
+            resume_dir = resume_dir if resume_dir.is_dir() else resume_dir.parent
+        if resume_dir is not None and resume_dir.resolve() == out.resolve():
+            return False  # continuing this run in its own folder
+        if cfg.overwrite:
+            return True
+        if resume_dir is not None:
+            raise ConfigError(f"--output {out} already holds another run ({', '.join(found)}); continuing "
+                              f"{cfg.resume} into it would mix the two",
+                              hint=f"continue in the resumed run's folder (--output {resume_dir}), choose a new "
+                                   "--output folder, or pass --overwrite to replace that run")
+        raise ConfigError(f"--output {out} already holds a run ({', '.join(found)}); refusing to overwrite it",
+                          hint=f"continue it with --resume {out}, choose a new --output folder, or pass "
+                               "--overwrite to replace it")
+
+    def _clear_output(self) -> None:
+        """--overwrite: remove the replaced run's files, so its checkpoints and log do not mix with this run's."""
+        for name in RUN_FILES:
+            (self.out / name).unlink(missing_ok=True)
+        checkpoints = self.out / "checkpoints"
+        if checkpoints.is_dir():
+            for p in checkpoints.glob("step-*"):
+                if p.suffix in (".safetensors", ".json"):
+                    p.unlink()
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """A failed write (full disk, quota, permissions) becomes one message naming what is kept."""
+        try:
+            yield
+        except OSError as e:
+            kept = (f"; the last complete checkpoint is kept at {self.last_checkpoint}" if self.last_checkpoint
+                    else "")
+            then = f"continue with --resume {self.state_path}" if self.state_path else "run again with --overwrite"
+            raise TrainingError(f"could not write {what} in {self.out} at step {self.step}: "
+                                f"{e.strerror or e}{kept}",
+                                hint=f"free space in (or fix the permissions of) {self.out}, then {then}") from None
 
     # -- schedules -------------------------------------------------------------------------------------
     def schedule(self, step: int) -> dict[str, float]:
@@ -497,19 +568,26 @@ class Trainer:
 
         cfg = self.cfg
         last_step = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(self._run_info(), indent=2, sort_keys=True))
         log_path = self.out / "log.jsonl"
+        if self.dist.is_main:
+            with self._writing("the run folder"):
+                self.out.mkdir(parents=True, exist_ok=True)
+                if self.replace_output:
+                    self._clear_output()
+                self._trim_log(log_path)
+                atomic_write_text(self.out / "config.json", json.dumps(self._run_info(), indent=2, sort_keys=True))
         losses: list[float] = []
         window: list[float] = []
         t_window = time.perf_counter()
+        data_wait = 0.0  # seconds of the window spent waiting for batches
         show = cfg.progress and self.dist.is_main
         with progress_bar("neco_train", total=last_step, enabled=show) as advance:
             advance(self.step)
             while self.step < last_step:
                 epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+                t_ready = time.perf_counter()
                 for batch in self.loader(epoch, in_epoch):
+                    data_wait += time.perf_counter() - t_ready
                     self._check_batch(batch)
                     loss = self.train_step(batch)
                     losses.append(loss)
@@ -517,35 +595,55 @@ class Trainer:
                     advance(1)
                     at_epoch_end = self.step % self.steps_per_epoch == 0
                     if self.step % cfg.log_every == 0 or self.step == last_step or at_epoch_end:
-                        elapsed = time.perf_counter() - t_window
-                        mean_loss = float(self.dist.mean(torch.tensor(sum(window) / len(window))))
-                        self._log(log_path, mean_loss, len(window) * self.global_batch / max(elapsed, 1e-9))
-                        window, t_window = [], time.perf_counter()
+                        elapsed = max(time.perf_counter() - t_window, 1e-9)
+                        mean = torch.tensor(sum(window) / len(window), device=self.device)  # NCCL: not on the CPU
+                        mean_loss = float(self.dist.mean(mean))
+                        self._log(log_path, mean_loss, len(window) * self.global_batch / elapsed,
+                                  min(1.0, data_wait / elapsed))
+                        window, t_window, data_wait = [], time.perf_counter(), 0.0
                     if (cfg.save_every and self.step % cfg.save_every == 0) or at_epoch_end or self.step == last_step:
                         self.save()
                     if self.step >= last_step:
                         break
+                    t_ready = time.perf_counter()
         return {"steps": self.step, "losses": losses, "checkpoint": str(self.last_checkpoint),
                 "skipped_images": self.skipped_images, "output": str(self.out)}
 
-    def _log(self, path: Path, loss: float, images_per_s: float) -> None:
+    def _log(self, path: Path, loss: float, images_per_s: float, data_wait_share: float) -> None:
         if not self.dist.is_main:
             return
         values = self.schedule(self.step - 1)
         record = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, "loss": loss,
-                  **values, "images_per_s": images_per_s, "skipped_images": self.skipped_images,
-                  "time": time.time()}
-        with open(path, "a") as f:
+                  **values, "images_per_s": images_per_s, "data_wait_share": data_wait_share,
+                  "skipped_images": self.skipped_images, "time": time.time()}
+        with self._writing(path.name), open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if not self.cfg.progress:
             return
         print(f"step {self.step}/{self.total_steps} loss {loss:.4f} lr {values['lr_backbone']:.2e}/"
-              f"{values['lr_head']:.2e} m {values['momentum']:.5f} {images_per_s:.1f} img/s", file=sys.stderr)
+              f"{values['lr_head']:.2e} m {values['momentum']:.5f} {images_per_s:.1f} img/s "
+              f"(data wait {100 * data_wait_share:.0f}%)", file=sys.stderr)
+
+    def _trim_log(self, path: Path) -> None:
+        """Keep the log lines of steps up to the one this run starts from (a resumed run logs the later ones
+        again), and drop a line a crash cut short; rewritten atomically."""
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= self.step:
+                kept.append(line + "\n")
+        atomic_write_text(path, "".join(kept))
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def _run_info(self) -> dict[str, Any]:
         return {"config": self.cfg.to_json(), "world_size": self.dist.world_size, "n_images": len(self.files),
-                "layout": self.layout, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "data": self.data_identity, "layout": self.layout, "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps,
                 "crops": dataclasses.asdict(self.crops), "base_model": self.base.name,
                 "base_fingerprint": self.base.fingerprint, "arch": self.base.arch}
 
@@ -578,17 +676,27 @@ class Trainer:
             return None
         backbone = self.student.timm_model.state_dict()
         meta = self.sidecar()
-        path = ckpt.save_backbone(self.out / "checkpoints" / f"step-{self.step:07d}", backbone, meta)
-        ckpt.save_backbone(self.out / "last", backbone, meta)
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        ckpt.save_state(self.out / "train_state.pt", {
-            "step": self.step, "config": self.cfg.to_json(), "world_size": self.dist.world_size,
-            "n_images": len(self.files), "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "objective": objective_state, "rng": rng,
-            "last_checkpoint": str(path), "skipped_images": self.skipped_images})
+        stem = self.out / "checkpoints" / f"step-{self.step:07d}"
+        try:
+            with self._writing(f"the checkpoint of step {self.step}"):
+                path = ckpt.save_backbone(stem, backbone, meta)
+                ckpt.save_backbone(self.out / "last", backbone, meta)
+                ckpt.save_state(self.out / "train_state.pt", {
+                    "step": self.step, "config": self.cfg.to_json(), "world_size": self.dist.world_size,
+                    "n_images": len(self.files), "data": self.data_identity, "student": self.student.state_dict(),
+                    "teacher": self.teacher.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "objective": objective_state, "rng": rng, "last_checkpoint": str(path),
+                    "skipped_images": self.skipped_images})
+        except TrainingError:  # each file is written atomically; drop step weights left without their sidecar
+            weights, sidecar = ckpt.checkpoint_paths(stem)
+            if not sidecar.exists():
+                weights.unlink(missing_ok=True)
+            raise
         self.last_checkpoint = path
+        self.saved_step, self.state_path = self.step, self.out / "train_state.pt"
         self.dist.barrier()
         return path
 
@@ -603,6 +711,15 @@ class Trainer:
         if int(state["n_images"]) != len(self.files):
             raise ConfigError(f"resume checkpoint {where} was trained on {state['n_images']} images; "
                               f"{self.cfg.data} has {len(self.files)}", hint="resume on the same data")
+        saved, now = state.get("data"), self.data_identity  # no "data" in states from before it was recorded
+        if saved and saved["sha256"] != now["sha256"]:
+            raise ConfigError(f"resume checkpoint {where} was trained on other images: {saved['n_images']} files "
+                              f"under {saved['root']} (file list sha256 {saved['sha256'][:12]}), now "
+                              f"{now['n_images']} files under {now['root']} (sha256 {now['sha256'][:12]})",
+                              hint="resume on the same --data, or start a new run")
+        if saved and saved["root"] != now["root"] and self.dist.is_main:
+            print(f"neco_train: resuming on the same {now['n_images']} image files, now under {now['root']} "
+                  f"(was {saved['root']})", file=sys.stderr)
         same_world = int(state["world_size"]) == self.dist.world_size
         if not same_world and self.cfg.queue_scope == "process":
             raise ConfigError(f"resume checkpoint {where} ran on {state['world_size']} processes, this run on "
@@ -622,7 +739,8 @@ class Trainer:
                 torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         else:
             torch.manual_seed(self.cfg.seed + 1000 * self.dist.rank + int(state["step"]))
-        self.step = int(state["step"])
+        self.step = self.saved_step = int(state["step"])
+        self.state_path = Path(where).expanduser()
         self.skipped_images = int(state.get("skipped_images", 0))
         self.last_checkpoint = Path(state["last_checkpoint"]) if state.get("last_checkpoint") else None
 

@@ -121,7 +121,7 @@ def test_full_disk_stops_with_one_message_and_keeps_the_previous_checkpoint(imag
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
         f"error: could not write the checkpoint of step 2 in {out} at step 2: {os.strerror(errno.ENOSPC)}; "
         f"the last complete checkpoint is kept at {out / 'checkpoints' / 'step-0000001.safetensors'}"]
-    assert f"--resume {out}" in err
+    assert f"--resume {out / 'train_state.pt'}" in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001.json", "step-0000001.safetensors"]
     assert json.loads((out / "last.json").read_text())["step"] == 1
     assert (out / "last.safetensors").read_bytes() == (out / "checkpoints" / "step-0000001.safetensors").read_bytes()
@@ -222,7 +222,8 @@ def test_rank_mean_reduces_on_the_training_device(monkeypatch, images, tmp_path)
 
 def test_srun_without_torchrun_reads_slurm_variables(monkeypatch):
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so that what init_distributed sets is undone afterwards
+        monkeypatch.delenv(key)
     slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
              "SLURM_JOB_NODELIST": "gpu[007-008,011],cpu01"}
     for key, value in slurm.items():
@@ -240,6 +241,8 @@ def test_srun_without_torchrun_reads_slurm_variables(monkeypatch):
     explicit = distributed.slurm_environment({**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "29500"})
     assert (explicit["MASTER_ADDR"], explicit["MASTER_PORT"]) == ("head", "29500")
     assert distributed.first_slurm_host("node17") == "node17"
+    monkeypatch.undo()
+    assert "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"] != "8"
 
 
 def test_concurrent_loads_download_the_weights_once(tmp_path, monkeypatch):
