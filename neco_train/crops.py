@@ -55,7 +55,8 @@ class CropConfig:
 
     def validate(self) -> None:
         if self.n_global != 2:
-            raise ConfigError(f"NeCo uses exactly 2 global crops (one teacher view each way); got n_global={self.n_global}")
+            raise ConfigError("NeCo uses exactly 2 global crops (one teacher view each way); "
+                              f"got n_global={self.n_global}")
         if self.n_local < 0:
             raise ConfigError(f"n_local must be >= 0; got {self.n_local}")
         for name in ("global_size", "local_size", "max_tries"):

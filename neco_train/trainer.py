@@ -147,7 +147,8 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max-steps must be >= 1; got {self.max_steps}")
         if not self.data:
-            raise ConfigError("no training data given", hint="pass --data DIR (COCO, ImageNet-style or any image folder)")
+            raise ConfigError("no training data given",
+                              hint="pass --data DIR (COCO, ImageNet-style or any image folder)")
 
     def crop_config(self, patch_size: int) -> CropConfig:
         cfg = CropConfig(global_size=self.global_size or default_global_size(patch_size), local_size=self.local_size,

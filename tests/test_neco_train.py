@@ -94,7 +94,8 @@ def test_ema_update_is_the_momentum_average():
     teacher, student = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     for p in list(teacher.parameters()) + list(student.parameters()):
         p.data = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-    expected = [0.9 * tp.detach().clone() + 0.1 * sp.detach() for tp, sp in zip(teacher.parameters(), student.parameters())]
+    expected = [0.9 * tp.detach().clone() + 0.1 * sp.detach()
+                for tp, sp in zip(teacher.parameters(), student.parameters())]
     ema_update(teacher, student, 0.9)
     for got, want in zip(teacher.parameters(), expected):
         torch.testing.assert_close(got.detach(), want, rtol=1e-14, atol=1e-14)
