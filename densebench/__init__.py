@@ -8,6 +8,7 @@ From a notebook::
     import densebench
     results = densebench.evaluate("dinov2_vits14", benchmarks="voc-incontext", data_root="~/data")
     results[0].main_score, results[0]["metrics"]["miou"]
+    densebench.to_pandas(results)          # one row per result
     [b.name for b in densebench.benchmarks()]
 """
 
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Result", "__version__", "benchmarks", "evaluate", "get_benchmark"]
+__all__ = ["Result", "__version__", "benchmarks", "evaluate", "get_benchmark", "to_pandas"]
 
 if TYPE_CHECKING:
     from .benchmark_table import BenchmarkSpec
@@ -43,6 +44,13 @@ def evaluate(model: Any, **kwargs: Any) -> list[Result]:
     from .api import evaluate as _evaluate
 
     return _evaluate(model, **kwargs)
+
+
+def to_pandas(results) -> Any:
+    """One row per result (model, benchmark, main score, every scalar metric): a pandas DataFrame."""
+    from .results import to_pandas as _to_pandas
+
+    return _to_pandas(results)
 
 
 def __getattr__(name: str) -> Any:

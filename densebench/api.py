@@ -3,7 +3,9 @@ from notebooks (``densebench.evaluate`` is this function)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import os
 import types
 import typing
 from pathlib import Path
@@ -17,7 +19,7 @@ from .features import FeatureCache
 from .paths import cache_dir as resolve_cache_dir
 from .paths import data_home, slug
 from .progress import job as progress_job
-from .results import Result, write_result
+from .results import Result, check_writable_folder, write_result, write_result_elsewhere
 
 #: Built-in offline encoders used by the embedded default run.
 DEFAULT_MODELS = ("pixels", "random:vit_small_patch16_224")
@@ -57,11 +59,31 @@ def coerce_option(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+def protocol_versions(bench: BenchmarkSpec) -> tuple[str, ...]:
+    """The named protocol versions ``--protocol`` accepts for ``bench`` (empty: its protocol has none)."""
+    import dataclasses
+
+    from .options import option_spec
+
+    field = next((f for f in dataclasses.fields(bench.config_class) if f.name == "protocol"), None)
+    spec = option_spec(field) if field is not None else None
+    return tuple(spec.choices or ()) if spec is not None else ()
+
+
+def _applies(bench: BenchmarkSpec, name: str, value: Any) -> bool:
+    """Whether option ``name`` belongs to ``bench``'s protocol; ``--protocol`` names a version of one protocol
+    and applies only to the benchmarks of the protocol that has it."""
+    if name == "protocol":
+        return value in protocol_versions(bench)
+    return name in _field_types(bench.config_class)
+
+
 def build_config(bench: BenchmarkSpec, options: dict[str, Any]):
     """The benchmark's published config with the options that belong to its protocol applied (validated
     when made: a bad value is refused here, before any data is read)."""
     hints = _field_types(bench.config_class)
-    updates = {k: coerce_option(k, v, hints[k]) for k, v in options.items() if k in hints and v is not None}
+    updates = {k: coerce_option(k, v, hints[k]) for k, v in options.items()
+               if v is not None and _applies(bench, k, v)}
     try:
         return bench.default_config(**updates)
     except TypeError as e:
@@ -79,6 +101,12 @@ def check_options(benches: list[BenchmarkSpec], options: dict[str, Any]) -> None
         raise ConfigError(choices_message("option for " + ", ".join(b.name for b in benches),
                                           "--" + unknown[0].replace("_", "-"),
                                           ["--" + a.replace("_", "-") for a in accepted]))
+    version = options.get("protocol")
+    if version is not None and not any(_applies(b, "protocol", version) for b in benches):
+        versions = [v for b in benches for v in protocol_versions(b)]
+        raise ConfigError(choices_message("--protocol for " + ", ".join(b.name for b in benches), version,
+                                          list(dict.fromkeys(versions))),
+                          hint="a version names one protocol's recipe (e.g. hbird-1.1 for the in-context benchmarks)")
 
 
 def select_benchmarks(names: list[str] | str | None, data_root: Path) -> list[BenchmarkSpec]:
@@ -110,26 +138,79 @@ def output_paths(output: str | Path | None, benches: list[BenchmarkSpec], *,
             raise ConfigError(f"--output {output} is a file but {len(benches)} benchmarks run",
                               hint="pass a directory; one <benchmark>.json is written per benchmark")
         paths = {b.name: output / f"{b.name}.json" for b in benches}
+    folders = [p for p in paths.values() if p.is_dir()]
+    if folders:
+        raise ConfigError(f"--output {folders[0]} is a folder, not a result file",
+                          hint="name a .json file that does not exist yet, or pass a folder for several benchmarks")
     if not overwrite:
         existing = [str(p) for p in paths.values() if p.exists()]
         if existing:
             raise ResultError(f"{existing[0]} already exists", hint="choose another --output or pass --overwrite")
+    for folder in dict.fromkeys(p.parent for p in paths.values()):
+        check_writable_folder(folder, what="--output folder", hint="choose an --output on a writable disk")
     return paths
+
+
+def save_result(result: Result, path: Path, *, overwrite: bool) -> None:
+    """Write a computed result; when that fails anyway (a full disk, a concurrent run that took the name, a
+    permission changed during the run) keep it in a new file elsewhere and raise one ResultError saying where."""
+    try:
+        write_result(result, path, overwrite=overwrite)
+        return
+    except ResultError as e:
+        reason, fix = e.message, ("another run wrote this file while this one computed; compare the two and keep "
+                                  "the one you want")
+    except OSError as e:
+        reason, fix = e.strerror or str(e), "free disk space or fix the folder's permissions"
+    saved = write_result_elsewhere(result, path)
+    if saved is None:
+        scores = ", ".join(f"{k}={v:.4g}" for k, v in result.scalar_metrics().items())
+        raise ResultError(f"could not write the result {path} ({reason}) nor save it anywhere else; "
+                          f"its metrics: {scores}", hint=fix)
+    raise ResultError(f"could not write the result {path} ({reason}); the computed result was saved as {saved}",
+                      hint=f"{fix}, then move {saved} to where you want it")
+
+
+@contextlib.contextmanager
+def content_manifests(on: bool):
+    """While active (``on``), dataset manifests hash file contents: ``$DENSEBENCH_VERIFY_DATA`` is set, the
+    switch every reader's ``manifest_hash`` honours (densebench.data.base)."""
+    name, old = "DENSEBENCH_VERIFY_DATA", os.environ.get("DENSEBENCH_VERIFY_DATA")
+    if on:
+        os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if on and old is None:
+            os.environ.pop(name, None)
+        elif on:
+            os.environ[name] = old
 
 
 def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str | None = None,
              data_root: str | Path | None = None, device: str = "cpu", cache_dir: str | Path | None = None,
              use_cache: bool = True, output: str | Path | None = None, overwrite: bool = False,
              progress: bool = True, layer: int | None = None, feature_norm: bool | None = None,
-             options: dict[str, Any] | None = None, on_result=None, **more_options: Any) -> list[Result]:
+             options: dict[str, Any] | None = None, on_result=None, verify_data: bool = False,
+             pos_interp: str = "auto", **more_options: Any) -> list[Result]:
     """Evaluate one encoder on one or more benchmarks; features are extracted once and shared via the cache.
 
     ``model`` is a model string (see ``densebench list models``) or a DenseEncoder. Protocol options
     (``input_size=``, ``memory_size=``, ...) go in ``options`` or as keyword arguments; each applies to
     the selected protocols that define it. ``output`` is a .json file (one benchmark) or a directory.
+    ``verify_data``: dataset manifests (cache keys, the recorded ``manifest_hash``) hash the files' contents
+    instead of their size and mtime (reads all the data once; docs/cache.md). ``pos_interp``: how a timm ViT
+    resamples its position embeddings, ``timm``, ``meta-offset`` or ``auto`` (per benchmark, the mode of the
+    code behind its published rows); recorded in each result's model block and checked by the leaderboard.
+    ``protocol=`` names a protocol version (``hbird-2.0``, ``hbird-1.1``, ``neco-leopart``); it applies to the
+    selected benchmarks of the protocol that has it.
     """
-    from .encoders import load_encoder
+    from .encoders import POS_INTERP_CHOICES, load_encoder
     from .encoders.base import DenseEncoder
+
+    if pos_interp not in POS_INTERP_CHOICES:
+        raise ConfigError(choices_message("--pos-interp", pos_interp, POS_INTERP_CHOICES),
+                          hint="leave it at auto for the choice of the code behind each benchmark's published rows")
 
     options = {**(options or {}), **more_options}
     root = data_home(data_root)
@@ -148,6 +229,11 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
         if feature_norm is not None and "feature_norm" in _field_types(b.config_class):
             opts["feature_norm"] = feature_norm
         configs[b.name] = build_config(b, opts)
+    paths = output_paths(output, benches, overwrite=overwrite)
+    cache_root = resolve_cache_dir(cache_dir) if use_cache else None
+    if cache_root is not None:
+        check_writable_folder(cache_root, what="feature cache", hint="pass --cache-dir DIR on a writable disk "
+                              "(or set $DENSEBENCH_CACHE), or run with --no-cache")
     if isinstance(model, DenseEncoder):
         encoder = model
     else:
@@ -155,15 +241,15 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
         if feature_norm is not None:
             kw["norm"] = feature_norm
         encoder = load_encoder(model, weights=weights, **kw)
-    paths = output_paths(output, benches, overwrite=overwrite)
-    cache = FeatureCache(resolve_cache_dir(cache_dir) if use_cache else None)
+    cache = FeatureCache(cache_root)
     results = []
     for i, b in enumerate(benches):
         label = f"{encoder.name} · {b.name}" + (f" · job {i + 1}/{len(benches)}" if len(benches) > 1 else "")
-        with progress_job(label):
-            result = b.run(encoder, root, configs[b.name], device=device, cache=cache, progress=progress)
+        with progress_job(label), content_manifests(verify_data):
+            result = b.run(encoder, root, configs[b.name], device=device, cache=cache, progress=progress,
+                           pos_interp=pos_interp)
         if paths[b.name] is not None:
-            write_result(result, paths[b.name], overwrite=overwrite)
+            save_result(result, paths[b.name], overwrite=overwrite)
         results.append(result)
         if on_result is not None:
             on_result(b, result, paths[b.name])

@@ -5,6 +5,11 @@ family, with which published settings, which metric is its headline, which confi
 change its numbers, how its canonical config is resolved for a given model, what the embedded
 default changes on the synthetic suite, and whom to cite. The CLI, the API, the leaderboard and the
 report read everything from here; nothing registers itself by being imported.
+
+Every result belongs to a named protocol version (:meth:`BenchmarkSpec.version_of`): the Config's ``protocol``
+field where the protocol has several (in-context: ``hbird-2.0``, ``hbird-1.1``), else the one recipe in
+:data:`DEFAULT_VERSIONS`. "Standard" means the canonical config of that version, and the leaderboard compares a
+result only with entries of its version.
 """
 
 from __future__ import annotations
@@ -15,13 +20,18 @@ from dataclasses import dataclass, field
 from types import MappingProxyType, ModuleType
 from typing import Any
 
-from .data.families import ADE20K, COCO_STUFF, COCO_THINGS, SPAIR, VOC, DatasetFamily
+from .data.families import ADE20K, COCO_STUFF, COCO_THINGS, DAVIS, SPAIR, VOC, DatasetFamily
 from .errors import ConfigError, choices_message
 from .options import non_semantic_fields
-from .protocols import correspondence, incontext, linear, overcluster
+from .protocols import correspondence, davis, incontext, linear, overcluster
 
 #: Canonical-config resolver: (config as JSON, model record) -> the config a run of that model records.
 Resolver = Callable[[dict, dict], dict]
+
+#: The protocol version of a result whose config has no ``protocol`` field (or leaves it unset): the code
+#: behind each protocol's published rows.
+DEFAULT_VERSIONS = {"incontext": "hbird-2.0", "linear": "neco-leopart", "overcluster": "neco-leopart",
+                    "correspondence": "probe3d", "davis": "dino"}
 
 
 @dataclass(frozen=True)
@@ -62,16 +72,44 @@ class BenchmarkSpec:
         """The published config of this benchmark (validated), with ``changes`` applied."""
         return self.protocol.Config(dataset=self.dataset.name, **{**self.overrides, **changes})
 
-    def canonical_config(self, model: dict | None = None) -> dict:
-        """The published config as a run of ``model`` records it (automatic fields resolved), as JSON."""
+    def version_of(self, config: Mapping | None = None) -> str | None:
+        """The named protocol version of a (recorded) config: its ``protocol`` field, else the protocol's one
+        recipe (:data:`DEFAULT_VERSIONS`); None for a protocol without named versions."""
+        return (config or {}).get("protocol") or DEFAULT_VERSIONS.get(self.protocol_name)
+
+    def canonical_config(self, model: dict | None = None, version: str | None = None) -> dict:
+        """The published config of protocol ``version`` (default: the default version) as a run of ``model``
+        records it (automatic fields resolved), as JSON."""
         from .results import jsonable
 
-        config = jsonable(dataclasses.asdict(self.default_config()))
+        versioned = "protocol" in {f.name for f in dataclasses.fields(self.config_class)}
+        changes = {"protocol": version} if versioned and version not in (None, self.version_of()) else {}
+        config = jsonable(dataclasses.asdict(self.default_config(**changes)))
         return jsonable(self.resolve_canonical(dict(config), dict(model))) if model is not None else config
 
-    def run(self, encoder, data_root, config=None, **kwargs):
-        """Run this benchmark's protocol (``config`` defaults to the published one); returns a Result."""
-        return self.protocol.run(encoder, data_root, config or self.default_config(), benchmark=self.name, **kwargs)
+    def encoder_choices(self, model: Mapping) -> tuple[dict, dict]:
+        """``(recorded, canonical)`` encoder settings that change this benchmark's numbers, for the leaderboard's
+        config check: a timm ViT's position-embedding resampling, canonically the one the code behind the
+        published rows used (``--pos-interp auto``). Empty for other encoders."""
+        from .encoders.timm_encoder import POS_INTERP, auto_pos_interp
+
+        mode = model.get("pos_interp")
+        if mode not in POS_INTERP:
+            return {}, {}
+        default = model.get("pos_interp_default") or mode
+        return {"pos_interp": mode}, {"pos_interp": auto_pos_interp(self.protocol_name, default)}
+
+    def run(self, encoder, data_root, config=None, *, pos_interp: str | None = None, **kwargs):
+        """Run this benchmark's protocol (``config`` defaults to the published one); returns a Result.
+        ``pos_interp`` (``auto`` or a mode) sets the encoder's position-embedding resampling for this run;
+        None runs the encoder as it is."""
+        config = config or self.default_config()
+        if pos_interp is None:
+            return self.protocol.run(encoder, data_root, config, benchmark=self.name, **kwargs)
+        from .encoders import pos_interp_for
+
+        with pos_interp_for(encoder, pos_interp, self.protocol_name):
+            return self.protocol.run(encoder, data_root, config, benchmark=self.name, **kwargs)
 
 
 def spec(name: str, protocol: ModuleType, dataset: DatasetFamily, description: str, *, main_metric: str,
@@ -112,6 +150,8 @@ NECO = ("Pariza et al., Near, far: Patch-ordering enhances vision foundation mod
         "ICLR 2025 (NeCo)")
 PROBE3D = "El Banani et al., Probing the 3D Awareness of Visual Foundation Models, CVPR 2024 (probe3d)"
 SPAIR_PAPER = "Min et al., SPair-71k: A Large-scale Benchmark for Semantic Correspondence, arXiv 1908.10543"
+DINO = "Caron et al., Emerging Properties in Self-Supervised Vision Transformers, ICCV 2021 (DINO)"
+DAVIS_2017 = "Pont-Tuset et al., The 2017 DAVIS Challenge on Video Object Segmentation, arXiv 1704.00675"
 
 #: The embedded default's linear-probe settings: its splits hold 48 training images, so the published batch
 #: of 128 would make one SGD step per epoch; batches of 4 and lr 0.1 give the head a usable budget.
@@ -131,7 +171,7 @@ _SPECS = [
          main_metric="miou", citations=(HBIRD, HBIRD_CODE), synthetic={"input_size": 224}),
     *[spec(f"{fam.name}-linear", linear, fam, f"Linear segmentation probe (Leopart/NeCo), {fam.title}: "
            f"{fam.train_split} -> {fam.val_split}; {_CLASS_MEAN[fam.name]}", main_metric="miou",
-           citations=(LEOPART, NECO), overrides={"drop_last": True} if fam is VOC else {},
+           citations=(LEOPART, NECO), overrides={} if fam is ADE20K else {"drop_last": True},
            synthetic=_LINEAR_SYNTHETIC)
       for fam in (VOC, ADE20K, COCO_THINGS, COCO_STUFF)],
     *[spec(f"{fam.name}-overcluster", overcluster, fam,
@@ -144,6 +184,10 @@ _SPECS = [
          "SPair-71k keypoint correspondence (probe3d): PCK@0.1 of the target bbox, nearest neighbour on raw "
          "last-block features, mean over categories",
          main_metric="pck@0.10", citations=(PROBE3D, SPAIR_PAPER), synthetic={"input_size": 224}),
+    spec("davis-propagation", davis, DAVIS,
+         "DAVIS-2017 val semi-supervised video object segmentation by label propagation (DINO's recipe): J&F "
+         "of the official davis2017-evaluation", main_metric="j_and_f", headline=("j_and_f", "j_mean", "f_mean"),
+         citations=(DINO, DAVIS_2017), synthetic={"short_side": 128}),
 ]
 
 BENCHMARKS = BenchmarkTable(_SPECS)

@@ -775,6 +775,13 @@ class CacheWriter:
                 or (c.shard_seconds and time.monotonic() - self._shard_t0 >= c.shard_seconds)):
             self._close_shard()
 
+    def reserve(self, estimated_bytes: int) -> None:
+        """Before the first forward: refuse (CacheError) when the ``estimated_bytes`` still to write will not fit
+        on the cache's disk (see :meth:`FeatureCache.check_space`). In memory, or with the check off: no-op."""
+        if self.tmp is None or self.cache is None or not self.cache.check_free_space:
+            return
+        self.cache.check_space(int(estimated_bytes))
+
     def check_space(self, n_views: int) -> None:
         """After some views: refuse (CacheError) when the rest of the ``n_views`` will not fit on the disk."""
         if self.tmp is None or self.cache is None or not self.cache.check_free_space:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -68,19 +69,22 @@ def _metric_cell(result: dict, key: str) -> str:
 def _print_results(rows: list[tuple[str, dict, Path | None]]) -> None:
     from .benchmark_table import get_benchmark
 
-    table = Table(title="densebench results", show_lines=False)
-    for col in ("model", "benchmark", "metric", "value", "forwards", "time (s)", "file"):
-        table.add_column(col, justify="right" if col in ("value", "forwards", "time (s)") else "left")
+    from .tables import Col, emit
+
+    table = []
     for model, result, path in rows:
         key = get_benchmark(result["benchmark"]).main_metric
-        cache = result["provenance"].get("cache", {})
-        table.add_row(model, result["benchmark"], key, _metric_cell(result, key),
-                      str(cache.get("images_forwarded", "-")),
-                      f"{result['provenance']['timings']['total_s']:.1f}", str(path) if path else "-")
-    out.print(table)
+        table.append({"model": model, "benchmark": result["benchmark"], "metric": key,
+                      "value": _metric_cell(result, key),
+                      "forwards": result["provenance"].get("cache", {}).get("images_forwarded", "-"),
+                      "time_s": f"{result['provenance']['timings']['total_s']:.1f}", "file": path})
+    emit(out, table, [Col("model", role="key"), Col("benchmark", role="key"), Col("metric", role="key"),
+                      Col("value", role="number"), Col("forwards", role="secondary"),
+                      Col("time_s", "time (s)", "secondary"), Col("file", role="secondary")],
+         "table", title="densebench results")
     folders = sorted({str(Path(p).parent) for _, _, p in rows if p})
     if folders and len(folders) <= 3:
-        out.print("results written to " + ", ".join(f"[bold]{f}/[/]" for f in folders))
+        out.print("results written to " + ", ".join(f"[bold]{escape(f)}/[/]" for f in folders))
 
 
 def _print_comparison(results: list[dict]) -> None:
@@ -93,7 +97,7 @@ def _print_comparison(results: list[dict]) -> None:
     table.add_column("benchmark")
     table.add_column("metric")
     for m in models:
-        table.add_column(m, justify="right")
+        table.add_column(escape(m), justify="right", no_wrap=True)
     for b in benches:
         key = get_benchmark(b).main_metric
         vals = {r["model"]["name"]: r["metrics"].get(key) for r in results if r["benchmark"] == b}
@@ -109,8 +113,6 @@ def _print_comparison(results: list[dict]) -> None:
 
 def protocol_options_epilog() -> str:
     """The protocol options of every benchmark, from their declarations (shown by `densebench run --help`)."""
-    from rich.markup import escape
-
     from .benchmark_table import benchmarks
 
     paragraphs, seen = ["Protocol options (--name value; details: densebench list benchmarks --options):"], set()
@@ -165,6 +167,12 @@ def run(
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
     verify_data: bool = typer.Option(False, "--verify-data", help="Identify the data by its contents (a hash of "
                                         "every image and mask) instead of size + mtime: reads all the data once."),
+    protocol: str | None = typer.Option(None, "--protocol", help="Named protocol version: hbird-2.0 (default) or "
+                                           "hbird-1.1 for the in-context benchmarks, neco-leopart for the linear "
+                                           "probe; applies to the benchmarks of that protocol."),
+    pos_interp: str = typer.Option("auto", "--pos-interp", help="Position-embedding resampling of timm ViTs: "
+                                      "timm, meta-offset, or auto (per benchmark, what the code behind its "
+                                      "published rows used)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Evaluate an encoder. With no arguments: every benchmark on the built-in synthetic suite (offline, CPU).
@@ -181,9 +189,11 @@ def run(
         if feature_norm.lower() not in ("on", "off"):
             raise ConfigError(choices_message("--feature-norm", feature_norm, ["on", "off"]))
         norm = feature_norm.lower() == "on"
-    common = {"input_size": input_size, "batch_size": batch_size, "seed": seed, "num_workers": num_workers}
+    common = {"input_size": input_size, "batch_size": batch_size, "seed": seed, "num_workers": num_workers,
+              "protocol": protocol}
     if model is None:
-        if data_root or weights or extra or verify_data or any(v is not None for v in common.values()):
+        if (data_root or weights or extra or verify_data or pos_interp != "auto"
+                or any(v is not None for v in common.values())):
             raise ConfigError("--model is required when other options are given",
                               hint="`densebench run` with no arguments runs the embedded default; "
                                    "otherwise name the model, e.g. --model dinov2_vits14")
@@ -193,7 +203,7 @@ def run(
                                                 on_result=lambda b, r, p: rows.append((r["model"]["name"], r, p)))
         _print_results(rows)
         _print_comparison(results)
-        out.print(f"results written under [bold]{run_dir}[/]")
+        out.print(f"results written under [bold]{escape(str(run_dir))}[/]")
         return
     if output is None:  # results are data: never only printed
         import datetime as _dt
@@ -203,7 +213,7 @@ def run(
     api.evaluate(model, weights=weights, benchmarks=benchmark, data_root=data_root, device=device,
                  cache_dir=cache_dir, use_cache=not no_cache, output=output, overwrite=overwrite,
                  progress=not quiet, layer=layer, feature_norm=norm, options=opts, verify_data=verify_data,
-                 on_result=lambda b, r, p: rows.append((model, r, p)))
+                 pos_interp=pos_interp, on_result=lambda b, r, p: rows.append((model, r, p)))
     _print_results(rows)
 
 
@@ -283,7 +293,7 @@ def data_verify(name: str = typer.Argument(..., help="voc, ade20k, coco-things, 
     with progress_bar(f"verifying {name}", total=None) as advance:
         problems = verify(name, base, progress=lambda done, total, path: advance(1, total=total))
     if not problems:
-        out.print(f"[green]{name}: no problems found under {base}[/]")
+        out.print(f"[green]{escape(name)}: no problems found under {escape(str(base))}[/]")
         return
     table = Table(title=f"{name}: {len(problems)} problem(s)")
     for col in ("path", "problem", "fix"):
@@ -319,7 +329,7 @@ def data_prepare(name: str = typer.Argument(..., help="voc, ade20k, coco-things,
     written = write_coco_split_lists(find_root(name, Path(root)))
     for split, path in written.items():
         n = len(path.read_text().split())
-        out.print(f"wrote {split} list ({n} ids): {path}")
+        out.print(f"wrote {split} list ({n} ids): {path}", markup=False, highlight=False)
 
 
 @app.command()
@@ -329,7 +339,7 @@ def synth(out_dir: Path = typer.Option(..., "--out", help="Folder to write the s
     from .data.synth import write_synthetic_suite
 
     info = write_synthetic_suite(out_dir, seed=seed)
-    out.print(f"synthetic suite written to [bold]{out_dir}[/]")
+    out.print(f"synthetic suite written to [bold]{escape(str(out_dir))}[/]")
     if isinstance(info, dict):
         out.print_json(json.dumps(info, default=str))
 
@@ -355,7 +365,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except DenseBenchError as e:
-        from rich.markup import escape
 
         # User text (paths, model names) is printed as typed: no markup, no :emoji: codes, no hard wraps.
         style = {"highlight": False, "emoji": False, "soft_wrap": True}

@@ -11,10 +11,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import leaderboard as lb
 from .errors import ConfigError, choices_message
-from .results import atomic_write_text
+from .results import atomic_write_text, check_writable_folder
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -24,12 +25,20 @@ def _split(values: list[str] | None) -> list[str] | None:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
+def _console(stderr: bool = False) -> Console:
+    """A console that prints user text (paths, model names) as written: no :emoji: codes, no highlighting."""
+    return Console(stderr=stderr, emoji=False, highlight=False)
+
+
 def _emit(text: str, output: Path | None, console: Console) -> None:
     if output is None:
         console.print(text, markup=False, highlight=False, soft_wrap=True, end="")
         return
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a folder", hint="name the file to write, e.g. board.html")
+    check_writable_folder(output.parent, what="--output folder", hint="choose an --output on a writable disk")
     atomic_write_text(output, text)
-    Console(stderr=True).print(f"wrote [bold]{output}[/]")
+    _console(stderr=True).print(f"wrote [bold]{escape(str(output))}[/]")
 
 
 def submit(
@@ -44,15 +53,17 @@ def submit(
 ) -> None:
     """Validate results (schema, integrity hash, canonical config) and add them to a leaderboard atomically."""
     done = lb.submit(results, leaderboard, allow_nonstandard=allow_nonstandard, replace=replace)
-    console = Console()
+    console = _console()
     for s in done:
         e = s.entry
-        mark = "" if e["standard"] else f" [yellow]non-standard: {'; '.join(e['nonstandard_reasons'])}[/]"
+        reasons = escape("; ".join(e["nonstandard_reasons"]))
+        mark = "" if e["standard"] else f" [yellow]non-standard: {reasons}[/]"
         metrics = ", ".join(f"{k}={v:.2f}" for k, v in e["metrics"].items()
                             if k in (lb.headline_metrics(e["benchmark"]) or e["metrics"]))
-        console.print(f"{s.action} {e['model']['name']} on {e['benchmark']} ({metrics}) from {s.result_path}{mark}",
-                      highlight=False)
-    console.print(f"[bold]{leaderboard}[/] now holds {len(lb.load_leaderboard(leaderboard)['entries'])} entries")
+        console.print(escape(f"{s.action} {e['model']['name']} on {e['benchmark']} ({metrics}) from "
+                             f"{s.result_path}") + mark)
+    n = len(lb.load_leaderboard(leaderboard)["entries"])
+    console.print(f"[bold]{escape(str(leaderboard))}[/] now holds {n} entries")
 
 
 def show(
@@ -71,7 +82,7 @@ def show(
         raise ConfigError(choices_message("format", fmt, lb.FORMATS))
     doc = lb.load_leaderboard(file or lb.default_leaderboard())
     rendered = lb.render(doc, fmt, benchmarks=_split(benchmark), source=source)
-    console = Console()
+    console = _console()
     if fmt == "table":
         if output is not None:
             raise ConfigError("--output needs --format markdown, csv or html", hint="or redirect the table")
@@ -92,7 +103,7 @@ def compare(
     doc = lb.load_leaderboard(leaderboard or lb.default_leaderboard())
     rows = lb.compare_models(doc, model_a, model_b)
     rendered = lb.render_comparison(rows, model_a, model_b, fmt)
-    console = Console()
+    console = _console()
     if fmt == "table":
         console.print(rendered)
     else:
@@ -107,11 +118,11 @@ def report(
     from .report import write_report
 
     summary = write_report(results, out)
-    console = Console()
-    console.print(f"report written to [bold]{summary.index}[/] ({len(summary.plots)} plots, "
+    console = _console()
+    console.print(f"report written to [bold]{escape(str(summary.index))}[/] ({len(summary.plots)} plots, "
                   f"{summary.n_artifacts} saved pictures)")
     for problem in summary.warnings:
-        console.print(f"[yellow]warning:[/] {problem}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(problem)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -2,10 +2,25 @@
 
 The backbone forward is the only cost that must be paid (DESIGN principle 2): every image view is
 pushed through the encoder once, reduced to what a protocol keeps (full patch grids, or a sampled
-memory bank), and stored as raw little-endian arrays that later runs memory-map. The cache key is
-the sha256 of everything that determines the stored bytes: encoder fingerprint and feature settings,
-dataset manifest hash and split, the view (transform) description, the reducer and a format version.
-A second run with the same key performs zero backbone forwards.
+memory bank), and stored as raw little-endian arrays that later runs memory-map. A cache key is the
+sha256 of exactly what the stored bytes depend on:
+
+* **full patch grids** of a standard segmentation split (``SegmentationDataset``) are two entries: the
+  image features, keyed by the encoder's feature key, the *images* alone (paths + size + mtime, or their
+  bytes with ``verify_data``) and the image part of the view; and the view's masks, keyed by the dataset
+  (family, split, manifest of images and masks) and the geometric part of the view. COCO-Things and
+  COCO-Stuff (same images, other masks) therefore share one extraction, and a rewritten mask costs a
+  re-read of the masks, not a forward pass;
+* anything a **reducer** computes from features and masks together (the in-context memory bank), and
+  datasets or views that cannot be split, are one entry keyed by the encoder, the dataset manifest, the
+  view and the reducer.
+
+The data path: DataLoader workers (default: the usable cores, up to 8, see :func:`default_workers`) read
+and decode, and run the view's CPU part (crops on uint8, colour jitter on the crop); a view's last per-pixel
+steps (:class:`~densebench.transforms.DeviceFinish`: uint8 -> float, normalisation, padding) run on the
+batch on the device; the main thread only feeds the encoder, and a writer thread reduces (on CPU) or waits
+for the asynchronous device-to-host copies into pinned buffers (on CUDA), then checksums and writes the
+shards. Views are deterministic per (seed, epoch, image): features do not depend on the worker count.
 
 The cache itself (checksums, resumable shards, per-entry locks, housekeeping) lives in
 :mod:`densebench.cache`; its names are re-exported here. docs/cache.md describes the guarantees.
@@ -13,6 +28,9 @@ The cache itself (checksums, resumable shards, per-entry locks, housekeeping) li
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,20 +50,164 @@ from .cache import (  # noqa: F401  (re-exported: the cache's public names)
 )
 from .progress import progress_bar
 
-#: view(index, image, mask) -> (image tensor (3, H, W) normalised, mask tensor (H', W') uint8/long)
+#: view(index, image, mask) -> (image tensor (3, H, W) normalised, mask tensor (H', W') uint8/long). The
+#: views of densebench.transforms also offer image(), mask(), finish, describe_image() and describe_mask().
 View = Callable[[int, Any, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
-#: reduce(features (B, h, w, D) float on device, masks (B, H', W'), indices (B,)) -> {name: np.ndarray rows}
-Reducer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, np.ndarray]]
+#: reduce(features (B, h, w, D) float on device, masks (B, H', W'), indices (B,)) -> {name: rows}, rows being
+#: tensors (on the device: copied back asynchronously) or numpy arrays; an optional boolean ``_keep`` row mask
+#: drops rows from every array before storing (so a device reducer never waits for a row count).
+Reducer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]]
+KEEP = "_keep"
+
+#: The automatic worker count never exceeds this (more rarely helps one GPU and costs memory per worker).
+MAX_AUTO_WORKERS = 8
+#: A pass starts at most one worker per this many views: starting a worker process costs about as much as
+#: reading that many small images, so short passes (the synthetic suite, a resumed tail) run in-process.
+VIEWS_PER_WORKER = 64
+_EMPTY = torch.zeros(0, dtype=torch.uint8)
 
 
-class _ViewDataset(Dataset):
-    """Views ``start..len(dataset)-1`` of ``dataset`` (``start`` > 0 when resuming), with their dataset index."""
+def default_workers() -> int:
+    """DataLoader workers when a protocol's ``num_workers`` is automatic: the usable cores, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):   # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_AUTO_WORKERS, cores))
 
-    def __init__(self, dataset, view: View, start: int = 0):
-        self.dataset, self.view, self.start = dataset, view, int(start)
+
+@dataclass
+class ExtractionStats:
+    forward_s: float = 0.0      # time inside encoder calls (the unavoidable cost)
+    extraction_s: float = 0.0   # whole extraction loop, data loading included
+    images_forwarded: int = 0
+    cache_hits: int = 0         # extractions served wholly from the cache (no forward, nothing read)
+    cache_misses: int = 0       # extractions that computed something (forwards, or only masks)
+    entries: list[str] = field(default_factory=list)
+    views_reused: int = 0       # views taken from complete shards of an interrupted run (not forwarded again)
+    entries_rebuilt: int = 0    # damaged entries discarded (one warning each) and extracted again
+    lock_wait_s: float = 0.0    # time spent waiting for another process extracting the same entry
+    masks_read: int = 0         # views whose masks were computed in a masks-only pass (no forward)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"forward_s": round(self.forward_s, 4), "extraction_s": round(self.extraction_s, 4),
+                "images_forwarded": self.images_forwarded, "cache_hits": self.cache_hits,
+                "cache_misses": self.cache_misses, "entries": self.entries, "views_reused": self.views_reused,
+                "entries_rebuilt": self.entries_rebuilt, "lock_wait_s": round(self.lock_wait_s, 4),
+                "masks_read": self.masks_read}
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the images alone are, and reading one half of a standard dataset item
+
+def splittable(dataset, view) -> bool:
+    """Whether ``dataset`` reads its items the standard way (so images and masks can be read apart) and
+    ``view`` comes in parts: then image features and masks are separate cache entries."""
+    from .data.base import SegmentationDataset
+
+    return (isinstance(dataset, SegmentationDataset)
+            and type(dataset).__getitem__ is SegmentationDataset.__getitem__
+            and all(hasattr(view, a) for a in ("image", "mask", "describe_image", "describe_mask")))
+
+
+def image_manifest(dataset) -> str:
+    """Identity of a standard dataset's images, in order, and nothing else (no family, split or masks).
+
+    Each image enters as its path, size and ``st_mtime_ns``, or with ``verify_data`` (as for
+    ``manifest_hash``) as its bytes alone, so the same files opened as two dataset families (COCO-Things
+    and COCO-Stuff) have one identity. Memoised per dataset object and mode.
+    """
+    from .data.base import _verify_data_default, files_manifest
+
+    content = _verify_data_default(dataset, None)
+    ident = (content, str(dataset.root), tuple(dataset.ids))
+    memo = dataset.__dict__.setdefault("_image_manifest_memo", {})
+    hit = memo.get(content)
+    if hit is not None and hit[0] == ident:
+        return hit[1]
+    paths = [dataset.image_path(id_) for id_ in dataset.ids]
+    items = [("" if content else str(p), [p]) for p in paths]
+    digest = files_manifest(f"images|rgb|{'content' if content else 'stat'}-v1", items, verify_data=content)
+    memo[content] = (ident, digest)
+    return digest
+
+
+def read_image(dataset, i: int):
+    """Item ``i``'s image alone (PIL RGB) from a standard dataset."""
+    from .data.base import open_image
+
+    return open_image(dataset.image_path(dataset.ids[i]))
+
+
+def read_mask(dataset, i: int) -> np.ndarray:
+    """Item ``i``'s mask alone, in the label space, checked against its image's size (read from the header)."""
+    from PIL import Image
+
+    from .data.base import open_mask
+    from .errors import DataError
+
+    id_ = dataset.ids[i]
+    mask = dataset.map_mask(open_mask(dataset.mask_path(id_)), id_)
+    try:
+        with Image.open(dataset.image_path(id_)) as im:
+            width, height = im.size
+    except Exception:  # noqa: BLE001 - an unreadable image is reported by the pass that decodes it
+        return mask
+    if mask.shape != (height, width):
+        raise DataError(f"mask {dataset.mask_path(id_)} is {mask.shape[1]}x{mask.shape[0]} but image "
+                        f"{dataset.image_path(id_)} is {width}x{height}",
+                        hint="image and mask of one id must have the same size")
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a worker computes per item (module-level classes: picklable for any start method)
+
+def _finished(view, img: torch.Tensor, here: bool) -> torch.Tensor:
+    finish = getattr(view, "finish", None)
+    return finish(img[None])[0] if here and finish is not None else img
+
+
+@dataclass
+class _ImagePart:
+    dataset: Any
+    view: Any
+    finish_here: bool
+
+    def __call__(self, i: int):
+        return _finished(self.view, self.view.image(i, read_image(self.dataset, i)), self.finish_here), _EMPTY
+
+
+@dataclass
+class _MaskPart:
+    dataset: Any
+    view: Any
+
+    def __call__(self, i: int):
+        return _EMPTY, self.view.mask(i, read_mask(self.dataset, i))
+
+
+@dataclass
+class _WholeItem:
+    dataset: Any
+    view: Any
+    finish_here: bool
+
+    def __call__(self, i: int):
+        _, image, mask = self.dataset[i]
+        if hasattr(self.view, "image") and hasattr(self.view, "mask"):
+            return _finished(self.view, self.view.image(i, image), self.finish_here), self.view.mask(i, mask)
+        return self.view(i, image, mask)
+
+
+class _Items(Dataset):
+    """Items ``start..len(dataset)-1`` of one pass: (image or empty, mask or empty, dataset index)."""
+
+    def __init__(self, n: int, make, start: int = 0):
+        self.n, self.make, self.start = n, make, int(start)
 
     def __len__(self) -> int:
-        return len(self.dataset) - self.start
+        return self.n - self.start
 
     def __getitem__(self, i: int):
         i = self.start + i
@@ -55,141 +217,327 @@ class _ViewDataset(Dataset):
         if threads != 1:
             torch.set_num_threads(1)
         try:
-            _, image, mask = self.dataset[i]
-            img, m = self.view(i, image, mask)
+            img, m = self.make(i)
         finally:
             if threads != 1:
                 torch.set_num_threads(threads)
         return img, m, i
 
 
-def default_reducer(features: torch.Tensor, masks: torch.Tensor, indices: torch.Tensor) -> dict[str, np.ndarray]:
-    """Keep full patch grids as float16 and the view's mask as uint8."""
-    return {"features": features.to(torch.float16).cpu().numpy(),
-            "masks": masks.to(torch.uint8).cpu().numpy()}
+# ---------------------------------------------------------------------------------------------------
+# Reducers of the passes
 
+def default_reducer(features: torch.Tensor, masks: torch.Tensor, indices: torch.Tensor) -> dict[str, Any]:
+    """Keep full patch grids as float16 and the view's mask as uint8."""
+    return {"features": features.to(torch.float16), "masks": masks.to(torch.uint8)}
+
+
+def _features_only(features: torch.Tensor, masks, indices) -> dict[str, Any]:
+    return {"features": features.to(torch.float16)}
+
+
+def _masks_only(features, masks: torch.Tensor, indices) -> dict[str, Any]:
+    return {"masks": masks.to(torch.uint8)}
+
+
+def _nbytes(rows) -> int:
+    return int(rows.numel() * rows.element_size()) if torch.is_tensor(rows) else int(np.asarray(rows).nbytes)
+
+
+def _host(rows):
+    """Start copying device rows into a pinned host buffer (asynchronously); host data is returned as is."""
+    if torch.is_tensor(rows) and rows.device.type == "cuda":
+        buf = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        buf.copy_(rows, non_blocking=True)
+        return buf
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# The writer thread
+
+class _Sink:
+    """Stores what each batch reduces to on a writer thread, so that the main thread only feeds the encoder.
+
+    On CUDA the main thread queues the reduction on the device and copies its results into pinned host
+    buffers asynchronously; the writer thread waits for that batch's event. On CPU the writer thread runs
+    the reduction itself. The writer thread owns the CacheWriter until :meth:`close` returns.
+    """
+
+    def __init__(self, writer: CacheWriter, reduce: Reducer, n_views: int, stats: ExtractionStats, cuda: bool,
+                 depth: int = 4):
+        self.writer, self.reduce, self.n_views, self.stats, self.cuda = writer, reduce, n_views, stats, cuda
+        self.error: BaseException | None = None
+        self.checked = False
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._loop, name="densebench-cache-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, feats, masks: torch.Tensor, indices: torch.Tensor, timing=None, release=None) -> None:
+        """Queue one batch. ``release``: the input batch, handed over so that freeing it (unmapping a worker's
+        shared memory, tens of MB) happens on the writer thread, not the main one."""
+        if self.cuda:
+            dev = feats.device if feats is not None else torch.device("cuda")
+            with torch.inference_mode():
+                out = self.reduce(feats, masks.to(dev, non_blocking=True), indices)
+            payload = {name: _host(rows) for name, rows in out.items()}
+            event = torch.cuda.Event()
+            event.record()
+            item = (payload, len(indices), event, timing, release)
+        else:
+            item = ((feats, masks, indices), len(indices), None, timing, release)
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Store every queued batch, stop the thread, and raise what failed on it."""
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _loop(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue   # failed: drain until close()
+            try:
+                self._store(*item[:4])
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.error = e
+            del item
+
+    def _store(self, payload, n: int, event, timing) -> None:
+        if event is None:
+            feats, masks, indices = payload
+            with torch.inference_mode():
+                payload = self.reduce(feats, masks, indices)
+        else:
+            event.synchronize()
+        if timing is not None:   # CUDA events around the forward
+            self.stats.forward_s += timing[0].elapsed_time(timing[1]) / 1000.0
+        arrays = {name: rows.numpy() if torch.is_tensor(rows) else np.asarray(rows) for name, rows in payload.items()}
+        keep = arrays.pop(KEEP, None)
+        for name, rows in arrays.items():
+            self.writer.append(name, rows if keep is None else rows[keep])
+        self.writer.end_batch(n)
+        if not self.checked:   # one batch tells the bytes per view: a second check of the free space
+            self.checked = True
+            self.writer.check_space(self.n_views)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Extraction
 
 @dataclass
-class ExtractionStats:
-    forward_s: float = 0.0      # time inside encoder calls (the unavoidable cost)
-    extraction_s: float = 0.0   # whole extraction loop, data loading included
-    images_forwarded: int = 0
-    cache_hits: int = 0
-    cache_misses: int = 0
-    entries: list[str] = field(default_factory=list)
-    views_reused: int = 0       # views taken from complete shards of an interrupted run (not forwarded again)
-    entries_rebuilt: int = 0    # damaged entries discarded (one warning each) and extracted again
-    lock_wait_s: float = 0.0    # time spent waiting for another process extracting the same entry
+class _Engine:
+    """One ``extract`` call: the encoder, data and settings every pass and cache entry of it shares."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"forward_s": round(self.forward_s, 4), "extraction_s": round(self.extraction_s, 4),
-                "images_forwarded": self.images_forwarded, "cache_hits": self.cache_hits,
-                "cache_misses": self.cache_misses, "entries": self.entries, "views_reused": self.views_reused,
-                "entries_rebuilt": self.entries_rebuilt, "lock_wait_s": round(self.lock_wait_s, 4)}
+    encoder: Any
+    dataset: Any
+    view: Any
+    cache: FeatureCache | None
+    device: torch.device
+    batch_size: int
+    num_workers: int
+    layer: int | None
+    norm: bool | None
+    desc: str
+    progress: bool
+    stats: ExtractionStats
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def info(self, **more) -> dict:
+        return {"model": getattr(self.encoder, "name", None), "dataset": getattr(self.dataset, "name", None),
+                "split": getattr(self.dataset, "split", None), "desc": self.desc, "n_views": len(self.dataset),
+                **more}
+
+    # --- one cache entry ---------------------------------------------------------------------------
+    def entry(self, parts: dict, info: dict, build: Callable[[CacheWriter], dict]) -> tuple[dict, bool]:
+        """``(arrays, computed)``: the entry's arrays from the cache, or built by ``build(writer)`` under the
+        entry's lock (resuming an interrupted build; a damaged entry is reported, discarded and rebuilt)."""
+        key = cache_key(parts)
+        self.stats.entries.append(key[:16])
+        cache = self.cache
+        if cache is None or not cache.enabled:
+            if cache is not None:
+                cache.misses += 1
+            return build(CacheWriter(None, key, parts)), True
+        cache.clean_orphans()
+        discarded = cache.discarded
+        hit = cache.load(key)
+        if hit is None:
+            self.stats.lock_wait_s += cache.acquire(key, on_wait=self._say_waiting)
+            try:
+                hit = cache.load(key)   # built by another process while we waited?
+                if hit is None:
+                    cache.misses += 1
+                    self.stats.entries_rebuilt += cache.discarded - discarded
+                    return build(CacheWriter(cache, key, parts, info)), True
+            finally:
+                cache.release(key)
+        cache.hits += 1
+        self.stats.entries_rebuilt += cache.discarded - discarded
+        return hit, False
+
+    def _say_waiting(self) -> None:
+        if self.progress:
+            from .progress import console
+            console.print(f"{self.desc}: waiting for another densebench process building the same features",
+                          highlight=False)
+
+    # --- one pass over the data ----------------------------------------------------------------------
+    def run(self, writer: CacheWriter, make, reduce: Reducer, *, forward: bool, desc: str) -> dict[str, np.ndarray]:
+        """Views ``writer.start..`` through ``make`` (in workers), the encoder when ``forward``, and ``reduce``
+        into ``writer``; commits it, or keeps its complete views for a resume (on any error)."""
+        n = len(self.dataset)
+        start = writer.start
+        if forward:
+            self.stats.views_reused += start
+        t0 = time.perf_counter()
+        try:
+            with progress_bar(desc, total=n, enabled=self.progress) as advance:
+                if start:
+                    advance(start)
+                if start < n:
+                    self._pass(writer, make, reduce, forward, advance)
+            out = writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        self.stats.extraction_s += time.perf_counter() - t0
+        return out
+
+    def _pass(self, writer: CacheWriter, make, reduce: Reducer, forward: bool, advance) -> None:
+        n, start = len(self.dataset), writer.start
+        items = _Items(n, make, start)
+        finish = getattr(self.view, "finish", None) if self.cuda else None   # on CPU the workers finish
+        writer.reserve(self._bytes_per_view(items, reduce, forward, finish) * (n - start))
+        workers = min(self.num_workers, (n - start) // VIEWS_PER_WORKER)
+        device_side = self.cuda and forward   # a masks-only pass stays on the host
+        loader = DataLoader(items, batch_size=self.batch_size, shuffle=False, num_workers=workers,
+                            pin_memory=device_side)
+        batches = iter(loader)   # workers fork here, before the writer thread exists
+        if forward:
+            self.encoder.eval().to(self.device)
+            if self.cuda:
+                self.encoder.to(memory_format=torch.channels_last)
+        sink = _Sink(writer, reduce, n, self.stats, device_side)
+        try:
+            for images, masks, indices in batches:
+                feats, timing = self._forward(images, finish) if forward else (None, None)
+                sink.put(feats, masks, indices, timing, release=images)
+                del images, masks, feats
+                advance(len(indices))
+        finally:
+            sink.close()
+
+    def _forward(self, images: torch.Tensor, finish) -> tuple[torch.Tensor, tuple | None]:
+        x = images.to(self.device, non_blocking=self.cuda)
+        if finish is not None:
+            x = finish(x)
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+            timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            timing[0].record()
+        else:
+            timing, t0 = None, time.perf_counter()
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cuda):
+            feats = self.encoder(x, layer=self.layer, norm=self.norm).float()
+        if timing is not None:
+            timing[1].record()
+        else:
+            self.stats.forward_s += time.perf_counter() - t0
+        self.stats.images_forwarded += int(x.shape[0])
+        return feats, timing
+
+    def _bytes_per_view(self, items: _Items, reduce: Reducer, forward: bool, finish) -> int:
+        """What one view stores, before the first forward: the reducer's output for the first view to do,
+        with zero features of the encoder's grid in place of the forward (padded rows included)."""
+        img, mask = items[0][:2]
+        feats = None
+        if forward:
+            x = finish(img[None]) if finish is not None else img[None]
+            p = self.encoder.patch_size
+            feats = torch.zeros(1, x.shape[-2] // p, x.shape[-1] // p, int(self.encoder.embed_dim))
+        with torch.inference_mode():
+            out = reduce(feats, mask[None], torch.tensor([items.start]))
+        return sum(_nbytes(rows) for name, rows in out.items() if name != KEEP)
 
 
-def extract(encoder, dataset, view: View, *, key_parts: dict[str, Any], cache: FeatureCache | None,
+def extract(encoder, dataset, view: View, *, key_parts: dict[str, Any] | None = None, cache: FeatureCache | None,
             device: str | torch.device = "cpu", batch_size: int = 16, num_workers: int = 0,
-            reducer: Reducer = default_reducer, layer: int | None = None, norm: bool | None = None,
+            reducer: Reducer | None = None, layer: int | None = None, norm: bool | None = None,
             desc: str = "extracting", progress: bool = True, stats: ExtractionStats | None = None,
             ) -> dict[str, np.ndarray]:
     """Run ``encoder`` over every view of ``dataset`` once and return the reduced arrays (memory-mapped when cached).
 
-    ``key_parts`` must describe the view and the reducer completely; the encoder's feature key and
-    the dataset manifest are added here. With an enabled cache: a sound entry is returned without a
-    forward; a damaged one is reported (one warning), discarded and rebuilt; the entry is built under
-    its lock (a concurrent process waits, then loads it); an interrupted earlier extraction of the same
-    entry is resumed from its last complete shard (``stats.views_reused``).
+    Without ``reducer``: ``{"features": (N, h, w, D) float16, "masks": (N, H', W') uint8}``; for a standard
+    segmentation split and a view of :mod:`densebench.transforms` these are two entries (image features,
+    keyed without masks; masks, keyed without the encoder), each computed only when missing: masks in a
+    cheap masks-only pass. With a ``reducer`` (or a dataset / view that cannot be split): one entry keyed
+    by encoder, dataset manifest, view and reducer. ``key_parts`` adds to the keys (its ``view`` and
+    ``reduce`` replace the view's and reducer's own descriptions in a single entry's key).
+
+    With an enabled cache: a sound entry is returned without work; a damaged one is reported (one warning),
+    discarded and rebuilt; an entry is built under its lock (a concurrent process waits, then loads it); an
+    interrupted build is resumed from its last complete shard (``stats.views_reused``); an extraction the
+    cache's disk cannot hold is refused before the first forward (:class:`CacheError`).
     """
     stats = stats if stats is not None else ExtractionStats()
-    parts = {
-        "encoder": encoder.feature_key(layer, norm),
-        "dataset": {"name": dataset.name, "split": dataset.split, "manifest": dataset.manifest_hash()},
-        **key_parts,
-    }
-    key = cache_key(parts)
-    stats.entries.append(key[:16])
-    if cache is None or not cache.enabled:
-        if cache is not None:
-            cache.misses += 1
-        stats.cache_misses += 1
-        return _extract(encoder, dataset, view, CacheWriter(None, key, parts), device=device,
-                        batch_size=batch_size, num_workers=num_workers, reducer=reducer, layer=layer, norm=norm,
-                        desc=desc, progress=progress, stats=stats)
-
-    cache.clean_orphans()
-    discarded = cache.discarded
-    hit = cache.load(key)
-    if hit is None:
-        def _say_waiting() -> None:
-            if progress:
-                from .progress import console
-                console.print(f"{desc}: waiting for another densebench process building the same features",
-                              highlight=False)
-
-        stats.lock_wait_s += cache.acquire(key, on_wait=_say_waiting)
-        try:
-            hit = cache.load(key)   # built by another process while we waited?
-            if hit is None:
-                cache.misses += 1
-                stats.cache_misses += 1
-                stats.entries_rebuilt += cache.discarded - discarded
-                info = {"model": getattr(encoder, "name", None), "dataset": getattr(dataset, "name", None),
-                        "split": getattr(dataset, "split", None), "desc": desc, "n_views": len(dataset)}
-                writer = CacheWriter(cache, key, parts, info)
-                if writer.start:
-                    stats.views_reused += writer.start
-                return _extract(encoder, dataset, view, writer, device=device, batch_size=batch_size,
-                                num_workers=num_workers, reducer=reducer, layer=layer, norm=norm, desc=desc,
-                                progress=progress, stats=stats)
-        finally:
-            cache.release(key)
-    cache.hits += 1
-    stats.cache_hits += 1
-    stats.entries_rebuilt += cache.discarded - discarded
-    return hit
-
-
-def _extract(encoder, dataset, view: View, writer: CacheWriter, *, device, batch_size: int, num_workers: int,
-             reducer: Reducer, layer, norm, desc: str, progress: bool, stats: ExtractionStats) -> dict[str, np.ndarray]:
-    """The forward loop over views ``writer.start..``, feeding ``writer``; commits it (or aborts on any error)."""
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    start = writer.start
-    checked = False
-    t0 = time.perf_counter()
-    try:
-        with progress_bar(desc, total=len(dataset), enabled=progress) as advance:
-            if start:
-                advance(start)
-            if start < len(dataset):
-                loader = DataLoader(_ViewDataset(dataset, view, start), batch_size=batch_size, shuffle=False,
-                                    num_workers=num_workers, pin_memory=cuda, persistent_workers=False)
-                encoder.eval().to(device)
-                if cuda:
-                    encoder.to(memory_format=torch.channels_last)
-                for images, masks, indices in loader:
-                    images = images.to(device, non_blocking=cuda)
-                    if cuda:
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    tf = time.perf_counter()
-                    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
-                        feats = encoder(images, layer=layer, norm=norm).float()
-                    if cuda:
-                        torch.cuda.synchronize(device)
-                    stats.forward_s += time.perf_counter() - tf
-                    stats.images_forwarded += images.shape[0]
-                    with torch.inference_mode():
-                        for name, rows in reducer(feats, masks.to(device), indices).items():
-                            writer.append(name, rows)
-                    writer.end_batch(images.shape[0])
-                    advance(images.shape[0])
-                    if not checked:   # one batch tells the bytes per view: refuse now rather than at 95 %
-                        checked = True
-                        writer.check_space(len(dataset))
-        out = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    stats.extraction_s += time.perf_counter() - t0
+    eng = _Engine(encoder=encoder, dataset=dataset, view=view, cache=cache, device=torch.device(device),
+                  batch_size=int(batch_size), num_workers=int(num_workers), layer=layer, norm=norm, desc=desc,
+                  progress=progress, stats=stats)
+    key_parts = dict(key_parts or {})
+    if reducer is None and splittable(dataset, view):
+        return _extract_split(eng, {k: v for k, v in key_parts.items() if k not in ("view", "reduce")})
+    if "view" not in key_parts:
+        key_parts["view"] = view.describe()
+    if "reduce" not in key_parts:
+        key_parts["reduce"] = "full-f16" if reducer is None else reducer.describe()
+    parts = {"encoder": encoder.feature_key(layer, norm),
+             "dataset": {"name": dataset.name, "split": dataset.split, "manifest": dataset.manifest_hash()},
+             **key_parts}
+    make = _WholeItem(dataset, view, finish_here=not eng.cuda)
+    reduce = reducer if reducer is not None else default_reducer
+    out, computed = eng.entry(parts, eng.info(), lambda w: eng.run(w, make, reduce, forward=True, desc=desc))
+    stats.cache_misses += computed
+    stats.cache_hits += not computed
     return out
+
+
+def _extract_split(eng: _Engine, extra: dict) -> dict[str, np.ndarray]:
+    """Full grids of a standard split: the masks entry (checked first: cheap, and it reports bad masks
+    before any forward), then the image-features entry."""
+    ds, view = eng.dataset, eng.view
+    mask_parts = {"entry": "view-masks", "view": view.describe_mask(), **extra,
+                  "dataset": {"name": ds.name, "split": ds.split, "manifest": ds.manifest_hash()}}
+    kind = view.describe_mask().get("view", "?")
+
+    def build_masks(w: CacheWriter) -> dict:
+        out = eng.run(w, _MaskPart(ds, view), _masks_only, forward=False, desc=f"{eng.desc} (masks)")
+        eng.stats.masks_read += len(ds) - w.start
+        return out
+
+    masks, masks_computed = eng.entry(mask_parts, eng.info(model="(masks)", view=f"{kind}/masks"), build_masks)
+    feat_parts = {"entry": "image-features", "encoder": eng.encoder.feature_key(eng.layer, eng.norm),
+                  "images": {"manifest": image_manifest(ds), "n": len(ds)}, "view": view.describe_image(),
+                  "reduce": "full-f16", **extra}
+    make = _ImagePart(ds, view, finish_here=not eng.cuda)
+    feats, feats_computed = eng.entry(feat_parts, eng.info(),
+                                      lambda w: eng.run(w, make, _features_only, forward=True, desc=eng.desc))
+    computed = masks_computed or feats_computed
+    eng.stats.cache_misses += computed
+    eng.stats.cache_hits += not computed
+    return {"features": feats["features"], "masks": masks["masks"]}

@@ -89,6 +89,13 @@ def _allows_none(annotation: Any) -> bool:
     return union and type(None) in typing.get_args(annotation)
 
 
+def _default_hint(field: dataclasses.Field) -> str:
+    spec = option_spec(field)
+    default = spec.none if field.default is None and spec and spec.none else option_text(field.default)
+    return (f"leave {flag(field.name)} out for the published default ({default}); "
+            "`densebench list benchmarks --options` lists what each option accepts")
+
+
 def validate_options(config: Any) -> None:
     """Check every declared field of ``config`` against its declaration; ConfigError names the first bad one."""
     hints = typing.get_type_hints(type(config))
@@ -99,22 +106,23 @@ def validate_options(config: Any) -> None:
         value = getattr(config, f.name)
         if value is None:
             if not _allows_none(hints[f.name]):
-                raise ConfigError(f"{flag(f.name)} needs a value")
+                raise ConfigError(f"{flag(f.name)} needs a value", hint=_default_hint(f))
             continue
         if spec.choices is not None:
             values = value if isinstance(value, tuple) else (value,)
             for v in values:
                 if v not in spec.choices:
-                    raise ConfigError(choices_message(flag(f.name), v, spec.choices))
+                    raise ConfigError(choices_message(flag(f.name), v, spec.choices), hint=_default_hint(f))
         if spec.min is None and spec.max is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{flag(f.name)} must be a number, got {value!r}")
+            raise ConfigError(f"{flag(f.name)} must be a number, got {value!r}", hint=_default_hint(f))
         too_low = spec.min is not None and (value <= spec.min if spec.min_exclusive else value < spec.min)
         too_high = spec.max is not None and (value >= spec.max if spec.max_exclusive else value > spec.max)
         if too_low or too_high or (isinstance(value, float) and not math.isfinite(value)):
             none = f" or {spec.none}" if spec.none else ""
-            raise ConfigError(f"{flag(f.name)} must be {spec.range_text()}{none}, got {value!r}")
+            raise ConfigError(f"{flag(f.name)} must be {spec.range_text()}{none}, got {value!r}",
+                              hint=_default_hint(f))
 
 
 @dataclass(frozen=True)
@@ -138,13 +146,14 @@ class OptionInfo:
         return option_text(self.default)
 
 
-def option_text(value: Any) -> str:
+def option_text(value: Any, yes: str = "on", no: str = "off") -> str:
+    """A value as a person types or reads it: ``yes``/``no`` for booleans, ``-`` for nothing, comma lists."""
     if isinstance(value, bool):
-        return "on" if value else "off"
+        return yes if value else no
     if value is None:
         return "-"
     if isinstance(value, (tuple, list)):
-        return ",".join(option_text(v) for v in value)
+        return ",".join(option_text(v, yes, no) for v in value)
     return str(value)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import leaderboard as lb
 from .errors import ResultError
 from .paths import slug
-from .results import atomic_write_text, canonical_json, config_hash, read_result
+from .results import atomic_write_text, canonical_json, check_writable_folder, config_hash, read_result
 
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
                ".svg": "image/svg+xml", ".webp": "image/webp"}
@@ -252,10 +252,12 @@ def write_report(results: Sequence[str | os.PathLike], out: str | os.PathLike, *
         items.append(ReportItem(p, result, semantic=semantic, nonstandard=reasons))
     _assign_labels(items)
     out = Path(out)
+    check_writable_folder(out, what="report folder", hint="pass --out DIR on a writable disk")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ResultError(f"cannot create the report folder {out} ({e.strerror or e})") from None
+        raise ResultError(f"cannot create the report folder {out} ({e.strerror or e})",
+                          hint="pass --out DIR: a folder, or a path where one can be made") from None
 
     benches = sorted({it.result["benchmark"] for it in items}, key=lb.benchmark_sort_key)
     plots: list[Path] = []

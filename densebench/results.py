@@ -2,23 +2,26 @@
 
 A result says exactly how it was made (lm-evaluation-harness style): the full protocol config,
 encoder fingerprint, dataset manifest hash, versions, device, seeds and wall time per stage.
-``integrity`` is a sha256 over the canonical JSON of model, config, provenance and metrics, so a
-hand-edited number is detected by ``densebench submit``. Files are written atomically and never
-silently overwritten.
+``integrity`` is a sha256 over the canonical JSON of model, config, provenance and metrics, so an
+accidentally edited number is detected by ``densebench submit``; it is no signature (whoever edits a value
+can recompute it), and ``densebench reproduce`` is the check that re-measures. Files are written atomically
+with the umask's permissions (or an existing file's), and created exclusively unless ``overwrite``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import errno
 import hashlib
 import json
 import math
 import os
 import platform
+import stat
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -158,7 +161,28 @@ class Result(Mapping):
         return float(value) if isinstance(value, (int, float)) else None
 
     def scalar_metrics(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.metrics.items() if isinstance(v, (int, float))}
+        return {k: float(v) for k, v in self.metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def to_row(self) -> dict[str, Any]:
+        """One flat row: model, benchmark, main metric and score, every scalar metric, data, time, date."""
+        from .benchmark_table import find_benchmark
+
+        spec = find_benchmark(self.benchmark)
+        prov = self.provenance
+        return {"model": self.model_name, "fingerprint": self.model["fingerprint"], "benchmark": self.benchmark,
+                "main_metric": spec.main_metric if spec else None, "score": self.main_score,
+                **self.scalar_metrics(), "synthetic": bool(prov["dataset"].get("synthetic")),
+                "device": prov["device"], "total_s": prov["timings"]["total_s"], "date": prov["date"]}
+
+
+def to_pandas(results: Iterable[Result | Mapping]):
+    """A pandas DataFrame with one row per result (see :meth:`Result.to_row`), e.g. to pivot models x
+    benchmarks: ``to_pandas(rs).pivot_table(index="model", columns="benchmark", values="score")``."""
+    import pandas as pd
+
+    rows = [(r if isinstance(r, Result) else Result.from_dict(r)).to_row() for r in results]
+    return pd.DataFrame(rows)
 
 
 _RESULT_KEYS = ("schema_version", "benchmark", "model", "config", "derived", "provenance", "metrics", "integrity")
@@ -219,40 +243,145 @@ def validate_result(result: Any, *, check_integrity: bool = True, source: str = 
                           "edited after `densebench run` wrote it", hint="re-run the evaluation instead of editing")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename: readers see old or new, never half."""
-    path = Path(path)
+def _umask() -> int:
+    """The process umask, read without changing it where Linux's /proc allows (``os.umask`` must set it to read
+    it, which is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode_for(path: str | os.PathLike) -> int:
+    """The permission bits a (re)written ``path`` gets: the existing file's (a lab's 0664 leaderboard stays
+    0664), else what ``open()`` would give a new file, 0666 minus the umask (``mkstemp`` alone gives 0600)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0o666 & ~_umask()
+
+
+def real_path(path: str | os.PathLike) -> Path:
+    """Where a write to ``path`` must land: a symlink's target (the link stays a link and the shared file is
+    updated), with every symlinked folder on the way resolved."""
+    return Path(os.path.realpath(os.fspath(path)))
+
+
+def _link_new(tmp: str, path: Path, mode: int) -> None:
+    """Give the finished ``tmp`` the name ``path`` only if no file has it: of two concurrent writers exactly one
+    wins, and the file never appears half-written. ``FileExistsError`` for the loser."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+    except OSError:  # no hard links on this filesystem: reserve the name exclusively, then rename over it
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, exclusive: bool = False) -> Path:
+    """Write to a temporary file in the same directory, fsync, then rename: readers see old or new, never half.
+
+    The file keeps an existing file's permission bits, else gets the umask's (:func:`file_mode_for`); a
+    symlink is written through to its target (:func:`real_path`). ``exclusive``: create the file, never
+    replace one: ``FileExistsError`` when it exists, also when another process created it a moment ago.
+    Returns the path written (the symlink's target for a link).
+    """
+    path = real_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = file_mode_for(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.chmod(tmp, mode)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            _link_new(tmp, path, mode)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+    return path
+
+
+def check_writable_folder(folder: str | os.PathLike, *, what: str, hint: str) -> None:
+    """Refuse, before any work starts, a folder that cannot take a new file: a path through a regular file,
+    or a folder that refuses one (permissions, a read-only mount). A folder still to be made is judged by
+    its nearest existing parent. Creates nothing: the probe file is removed at once.
+    """
+    folder = Path(folder).absolute()
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ResultError(f"{what} {folder} cannot be created: {existing} is a file, not a folder",
+                          hint=f"{hint} (a path that does not go through the file {existing})")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".densebench-write-check.", dir=existing)
+    except OSError as e:
+        raise ResultError(f"{what} {folder} is not writable: {existing} refuses new files "
+                          f"({e.strerror or e})", hint=hint) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def write_result(result: Result | dict, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a validated result. Without ``overwrite`` the file is created exclusively: an existing file,
+    even one another run wrote while this one computed, is a ResultError and stays untouched."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise ResultError(f"{path} already exists", hint="choose another --output or pass --overwrite")
     record = result if isinstance(result, Result) else Result.from_dict(result)
-    atomic_write_text(path, record.to_json())
+    try:
+        atomic_write_text(path, record.to_json(), exclusive=not overwrite)
+    except FileExistsError as e:
+        if e.filename is None or Path(e.filename) != real_path(path):
+            raise  # a folder on the way is a file: not this result's name
+        raise ResultError(f"{path} already exists", hint="choose another --output or pass --overwrite") from None
     return path
+
+
+def write_result_elsewhere(result: Result, path: str | os.PathLike) -> Path | None:
+    """Keep a result that could not be written to ``path``: a new file beside it, else in the current folder,
+    else in the temporary folder. Returns where it went, None when nowhere would take it."""
+    path = Path(path)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"{path.stem}.unsaved-{stamp}-{os.getpid()}.json"
+    for folder in (path.parent, Path.cwd(), Path(tempfile.gettempdir())):
+        try:
+            return atomic_write_text(folder / name, result.to_json(), exclusive=True)
+        except OSError:
+            continue
+    return None
 
 
 def read_result(path: str | os.PathLike, *, check_integrity: bool = True) -> Result:
     path = Path(path)
+    fix = "pass a result .json file written by `densebench run`"
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ResultError(f"result file {path} does not exist") from None
+        raise ResultError(f"result file {path} does not exist", hint=fix) from None
+    except IsADirectoryError:
+        raise ResultError(f"result file {path} is a folder, not a file",
+                          hint=f"pass the result files inside it, e.g. {path / '*.json'}") from None
+    except UnicodeDecodeError:
+        raise ResultError(f"result file {path} is not a text file (not UTF-8 JSON)", hint=fix) from None
+    except OSError as e:
+        raise ResultError(f"result file {path} cannot be read ({e.strerror or e})",
+                          hint="check the file's permissions") from None
     except json.JSONDecodeError as e:
-        raise ResultError(f"result file {path} is not valid JSON ({e})") from None
+        raise ResultError(f"result file {path} is not valid JSON ({e})", hint=fix) from None
     return Result.from_dict(data, check_integrity=check_integrity, source=str(path))

@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .options import option_text
+
 FORMATS = ("table", "json", "csv", "markdown", "plain")
 
 
@@ -33,14 +35,8 @@ class Col:
 
 
 def cell(value: Any) -> str:
-    """A value as a person reads it: on/off for booleans, '-' for nothing, comma lists."""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if value is None:
-        return "-"
-    if isinstance(value, (list, tuple)):
-        return ",".join(cell(v) for v in value)
-    return str(value)
+    """A value as a person reads it in a listing: yes/no for booleans, '-' for nothing, comma lists."""
+    return option_text(value, "yes", "no")
 
 
 def _width(rows: Sequence[dict], col: Col) -> int:

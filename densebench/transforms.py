@@ -4,6 +4,19 @@ Every random view draws from its own ``torch.Generator`` seeded from (seed, epoc
 augmented memory bank is identical whatever the batch size, worker count or order (the reference
 draws from the global RNG and is reproducible only with the same batch order). Each view has a
 ``describe()`` that goes into the feature-cache key.
+
+The data path (:mod:`densebench.features`) calls a view in parts: ``image(index, image)`` in a worker,
+then ``finish`` (a :class:`DeviceFinish`, or None when ``image`` already returns the encoder input) on the
+whole batch on the device, and ``mask(index, mask)`` in a separate, cheap pass. ``describe_image()`` and
+``describe_mask()`` say what each part's output depends on, so image features are keyed without the
+masks and masks without the normalisation. ``view(index, image, mask)`` is the same computation in one call.
+
+Exactness: each part returns bitwise the values the one-call, full-image float recipe gives (the tests
+compare them): crops are taken on the uint8 image before the float conversion; the colour jitter runs on
+the crop only, which is exact because every jitter op is per pixel except contrast, whose grey mean is
+taken over the whole (jittered so far) image first, as torchvision does; the hue op is a leaner
+formulation of torchvision's with the same float operations per pixel; normalisation, where it is the
+last step, moves to the device. Resizing stays in float: a uint8 resize would round.
 """
 
 from __future__ import annotations
@@ -53,9 +66,120 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def normalise(img: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=img.dtype).view(3, 1, 1)
-    s = torch.tensor(std, dtype=img.dtype).view(3, 1, 1)
-    return (img - m) / s
+    """(img - mean) / std per channel, for (3, H, W) images and (B, 3, H, W) batches on any device."""
+    m = torch.tensor(mean, dtype=img.dtype, device=img.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=img.dtype, device=img.device).view(3, 1, 1)
+    return torch.sub(img, m).div_(s)
+
+
+@dataclass(frozen=True)
+class DeviceFinish:
+    """The last, per-pixel steps of a view, applied to a whole batch on the encoder's device.
+
+    The worker's output is uint8 (B, H, W, 3) when ``uint8`` (channel-last, a quarter of the bytes of
+    float), else float (B, 3, H, W) in [0, 1]; this divides by 255 when needed, normalises and zero-pads
+    ``pad`` = (left, right, top, bottom) in normalised space: the same float operations as on the CPU.
+    """
+
+    mean: tuple
+    std: tuple
+    uint8: bool = False
+    pad: tuple = (0, 0, 0, 0)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.permute(0, 3, 1, 2).float().div_(255.0) if self.uint8 else batch.float()
+        x = normalise(x, self.mean, self.std)
+        return F.pad(x, self.pad) if any(self.pad) else x
+
+
+# ---------------------------------------------------------------------------------------------------
+# Colour jitter: torchvision's tensor ops on float images in [0, 1], with the same float operations per
+# pixel (bitwise equal; tests/test_data_path.py compares them), written so that they can run on a crop.
+
+def _blend(img1: torch.Tensor, img2, ratio: float) -> torch.Tensor:
+    # torchvision: (ratio * img1 + (1.0 - ratio) * img2).clamp(0, 1); the same operations, fewer temporaries
+    return torch.mul(img1, ratio).add_((1.0 - ratio) * img2).clamp_(0.0, 1.0)
+
+
+def grayscale(img: torch.Tensor) -> torch.Tensor:
+    """torchvision's rgb_to_grayscale: (..., 3, H, W) -> (..., 1, H, W)."""
+    r, g, b = img.unbind(dim=-3)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(dim=-3)
+
+
+def contrast_mean(img: torch.Tensor) -> torch.Tensor:
+    """The grey mean adjust_contrast blends towards, over the image given (take it over the whole image)."""
+    return torch.mean(grayscale(img), dim=(-3, -2, -1), keepdim=True)
+
+
+def adjust_brightness(img: torch.Tensor, factor: float) -> torch.Tensor:
+    # torchvision blends with zeros_like(img); (1 - factor) * 0 is the same signed zero as a scalar
+    return _blend(img, 0.0, factor)
+
+
+def adjust_contrast(img: torch.Tensor, factor: float, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean``: :func:`contrast_mean` of the whole image when ``img`` is a crop of it."""
+    return _blend(img, contrast_mean(img) if mean is None else mean, factor)
+
+
+def adjust_saturation(img: torch.Tensor, factor: float) -> torch.Tensor:
+    return _blend(img, grayscale(img), factor)
+
+
+#: hue sector (0..5) -> which of (v, w, p) each output channel takes; w is q in odd sectors, t in even ones
+_HSV_SOURCES = torch.tensor([[0, 1, 2, 2, 1, 0], [1, 0, 0, 1, 2, 2], [2, 2, 1, 0, 0, 1]])
+
+
+def adjust_hue(img: torch.Tensor, factor: float) -> torch.Tensor:
+    """torchvision's adjust_hue (rgb -> hsv, shift h, hsv -> rgb) for a (3, H, W) float image, 2-4x faster.
+
+    The per-pixel float operations are torchvision's; the differences are exact rewrites: the branch
+    sums ``(maxc == r) * x + ...`` become selections (the other terms are signed zeros that the
+    following ``+ 1.0`` absorbs), only the one of q and t that a pixel's sector uses is computed, and the
+    one-hot einsum that assembles r, g, b becomes a gather.
+    """
+    r, g, b = img.unbind(dim=0)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    divisor = torch.where(eqc, ones, cr)
+    rc = (maxc - r).div_(divisor)
+    gc = (maxc - g).div_(divisor)
+    bc = (maxc - b).div_(divisor)
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, (2.0 + rc) - bc, (4.0 + gc) - rc))
+    h = torch.fmod(h.div_(6.0).add_(1.0), 1.0)
+    h = (h + factor) % 1.0
+    h6 = h.mul_(6.0)
+    sector = torch.floor(h6)
+    f = h6.sub_(sector)
+    sector = sector.to(torch.int64) % 6
+    ff = torch.where((sector & 1).bool(), f, 1.0 - f)
+    p = (1.0 - s).mul_(maxc).clamp_(0.0, 1.0)
+    w = (1.0 - s.mul_(ff)).mul_(maxc).clamp_(0.0, 1.0)
+    return torch.gather(torch.stack((maxc, w, p)), 0, _HSV_SOURCES[:, sector])
+
+
+_JITTER_OPS = {"brightness": adjust_brightness, "saturation": adjust_saturation, "hue": adjust_hue}
+
+
+def jitter_crop(image_u8: torch.Tensor, ops: list[tuple[str, float]], box: tuple[int, int, int, int]) -> torch.Tensor:
+    """``ops`` applied to the whole uint8 (3, H, W) image in float, then the ``box`` (top, left, h, w) crop:
+    computed on the crop only. Contrast's grey mean is taken over the whole image after the ops before it."""
+    mean = None
+    names = [op for op, _ in ops]
+    if "contrast" in names:
+        full = image_u8.float().div_(255.0)
+        for op, factor in ops[:names.index("contrast")]:
+            full = _JITTER_OPS[op](full, factor)
+        mean = contrast_mean(full)
+    top, left, h, w = box
+    img = image_u8[:, top:top + h, left:left + w].float().div_(255.0)
+    for op, factor in ops:
+        img = adjust_contrast(img, factor, mean) if op == "contrast" else _JITTER_OPS[op](img, factor)
+    return img
 
 
 def resize_image(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -93,6 +217,14 @@ def random_resized_crop_params(g: torch.Generator, height: int, width: int, scal
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def _fields(view, drop: tuple[str, ...] = ()) -> dict:
+    return {k: v for k, v in asdict(view).items() if k not in drop}
+
+
+def _as_tensor(mask: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(mask))
+
+
 @dataclass(frozen=True)
 class ResizeView:
     """Evaluation view: image resized (bilinear, antialias) and mask resized (nearest) to a square."""
@@ -103,12 +235,28 @@ class ResizeView:
     std: tuple = IMAGENET_STD
 
     def __call__(self, index: int, image: Image.Image, mask: np.ndarray):
-        img = normalise(resize_image(to_tensor(image), (self.size, self.size)), self.mean, self.std)
+        return self.finish(self.image(index, image)[None])[0], self.mask(index, mask)
+
+    def image(self, index: int, image: Image.Image) -> torch.Tensor:
+        """Float (3, size, size) in [0, 1]; :attr:`finish` normalises."""
+        return resize_image(to_tensor(image), (self.size, self.size))
+
+    @property
+    def finish(self) -> DeviceFinish:
+        return DeviceFinish(tuple(self.mean), tuple(self.std))
+
+    def mask(self, index: int, mask: np.ndarray) -> torch.Tensor:
         ms = self.mask_size or self.size
-        return img, resize_mask(torch.from_numpy(np.asarray(mask)), (ms, ms))
+        return resize_mask(_as_tensor(mask), (ms, ms))
 
     def describe(self) -> dict:
         return {"view": "resize", **asdict(self)}
+
+    def describe_image(self) -> dict:
+        return {"view": "resize", **_fields(self, ("mask_size",))}
+
+    def describe_mask(self) -> dict:
+        return {"view": "resize", "mask_size": self.mask_size or self.size}
 
 
 @dataclass(frozen=True)
@@ -117,7 +265,7 @@ class HummingbirdTrainView:
 
     Colour jitter (brightness, contrast, saturation, hue 0.1, each with p=0.5) on the image only, then a
     paired RandomResizedCrop(size, scale=(0.5, 2.0), ratio=(3/4, 4/3)): bilinear+antialias for the
-    image, nearest for the mask. No flip.
+    image, nearest for the mask. No flip. The draws depend only on (seed, epoch, index) and the image size.
     """
 
     size: int
@@ -128,28 +276,45 @@ class HummingbirdTrainView:
     jitter: float = 0.1
     scale: tuple = (0.5, 2.0)
     ratio: tuple = (3 / 4, 4 / 3)
+    hue: float | None = None   # hue range; None: ``jitter`` (hbird 1.1 used ColorJitter(hue=0.5))
+
+    finish = None   # image() returns the encoder input (normalisation comes before the resize)
+
+    def draw(self, index: int, height: int, width: int) -> tuple[list[tuple[str, float]], tuple[int, int, int, int]]:
+        """The jitter ops applied (in order, with their factors) and the crop box (top, left, h, w)."""
+        g = generator_for(self.seed, self.epoch, index)
+        j = self.jitter
+        h = j if self.hue is None else self.hue
+        ops = []
+        for op, lo, hi in (("brightness", 1 - j, 1 + j), ("contrast", 1 - j, 1 + j),
+                           ("saturation", 1 - j, 1 + j), ("hue", -h, h)):
+            if float(torch.rand((), generator=g)) < 0.5:
+                ops.append((op, _uniform(g, lo, hi)))
+        return ops, random_resized_crop_params(g, height, width, self.scale, self.ratio)
 
     def __call__(self, index: int, image: Image.Image, mask: np.ndarray):
-        g = generator_for(self.seed, self.epoch, index)
-        img = to_tensor(image)
-        j = self.jitter
-        if float(torch.rand((), generator=g)) < 0.5:
-            img = TF.adjust_brightness(img, _uniform(g, 1 - j, 1 + j))
-        if float(torch.rand((), generator=g)) < 0.5:
-            img = TF.adjust_contrast(img, _uniform(g, 1 - j, 1 + j))
-        if float(torch.rand((), generator=g)) < 0.5:
-            img = TF.adjust_saturation(img, _uniform(g, 1 - j, 1 + j))
-        if float(torch.rand((), generator=g)) < 0.5:
-            img = TF.adjust_hue(img, _uniform(g, -j, j))
-        img = normalise(img, self.mean, self.std)
-        m = torch.from_numpy(np.asarray(mask))
-        top, left, h, w = random_resized_crop_params(g, img.shape[1], img.shape[2], self.scale, self.ratio)
-        img = resize_image(img[:, top:top + h, left:left + w], (self.size, self.size))
-        m = resize_mask(m[top:top + h, left:left + w], (self.size, self.size))
-        return img, m
+        return self.image(index, image), self.mask(index, mask)
+
+    def image(self, index: int, image: Image.Image) -> torch.Tensor:
+        u8 = TF.pil_to_tensor(image)
+        ops, box = self.draw(index, u8.shape[1], u8.shape[2])
+        img = normalise(jitter_crop(u8, ops, box), self.mean, self.std)
+        return resize_image(img, (self.size, self.size))
+
+    def mask(self, index: int, mask: np.ndarray) -> torch.Tensor:
+        m = _as_tensor(mask)
+        _, (top, left, h, w) = self.draw(index, m.shape[0], m.shape[1])
+        return resize_mask(m[top:top + h, left:left + w], (self.size, self.size))
 
     def describe(self) -> dict:
-        return {"view": "hbird-train", **asdict(self)}
+        return {"view": "hbird-train", **_fields(self, ("hue",) if self.hue is None else ())}
+
+    def describe_image(self) -> dict:
+        return self.describe()
+
+    def describe_mask(self) -> dict:
+        # the jitter factors do not move the crop: each op consumes the same draws whatever its range
+        return {"view": "hbird-train", **_fields(self, ("mean", "std", "jitter"))}
 
 
 @dataclass(frozen=True)
@@ -172,21 +337,44 @@ class LinearTrainView:
     ratio: tuple = (3 / 4, 4 / 3)
     flip: bool = True
 
-    def __call__(self, index: int, image: Image.Image, mask: np.ndarray):
+    def draw(self, index: int, height: int, width: int) -> tuple[tuple[int, int, int, int], bool]:
+        """The crop box (top, left, h, w) and whether the view is flipped."""
         g = generator_for(self.seed, self.view, index)
-        img = to_tensor(image)
-        m = torch.from_numpy(np.asarray(mask))
-        top, left, h, w = random_resized_crop_params(g, img.shape[1], img.shape[2], self.scale, self.ratio)
-        img = resize_image(img[:, top:top + h, left:left + w], (self.size, self.size))
+        box = random_resized_crop_params(g, height, width, self.scale, self.ratio)
+        return box, bool(self.flip and float(torch.rand((), generator=g)) < 0.5)
+
+    def __call__(self, index: int, image: Image.Image, mask: np.ndarray):
+        return self.finish(self.image(index, image)[None])[0], self.mask(index, mask)
+
+    def image(self, index: int, image: Image.Image) -> torch.Tensor:
+        """Float (3, size, size) in [0, 1]; :attr:`finish` normalises (normalising commutes with the flip)."""
+        u8 = TF.pil_to_tensor(image)
+        (top, left, h, w), flip = self.draw(index, u8.shape[1], u8.shape[2])
+        img = resize_image(u8[:, top:top + h, left:left + w].float().div_(255.0), (self.size, self.size))
+        return img.flip(-1) if flip else img
+
+    @property
+    def finish(self) -> DeviceFinish:
+        return DeviceFinish(tuple(self.mean), tuple(self.std))
+
+    def mask(self, index: int, mask: np.ndarray) -> torch.Tensor:
+        m = _as_tensor(mask)
+        (top, left, h, w), flip = self.draw(index, m.shape[0], m.shape[1])
         m = resize_mask(m[top:top + h, left:left + w], (self.size, self.size))
-        if self.flip and float(torch.rand((), generator=g)) < 0.5:
-            img, m = img.flip(-1), m.flip(-1)
+        if flip:
+            m = m.flip(-1)
         if self.mask_size != self.size:
             m = resize_mask(m, (self.mask_size, self.mask_size))
-        return normalise(img, self.mean, self.std), m
+        return m
 
     def describe(self) -> dict:
         return {"view": "linear-train", **asdict(self)}
+
+    def describe_image(self) -> dict:
+        return {"view": "linear-train", **_fields(self, ("mask_size",))}
+
+    def describe_mask(self) -> dict:
+        return {"view": "linear-train", **_fields(self, ("mean", "std"))}
 
 
 @dataclass(frozen=True)
@@ -219,16 +407,28 @@ class SquarePadView:
         return (self.padded_size - self.size) // 2
 
     def __call__(self, index: int, image: Image.Image, mask: np.ndarray | None = None):
+        return self.finish(self.image(index, image)[None])[0], self.mask(index, mask)
+
+    def image(self, index: int, image: Image.Image) -> torch.Tensor:
+        """uint8 (size, size, 3), channel-last; :attr:`finish` converts, normalises and pads on the device."""
         side = max(image.size)
         square = Image.new("RGB", (side, side), (self.fill,) * 3)
         square.paste(image.convert("RGB"), (0, 0))
-        img = to_tensor(square.resize((self.size, self.size), Image.Resampling.BICUBIC))
-        img = normalise(img, self.mean, self.std)
-        extra = self.padded_size - self.size
-        if extra:
-            lo = self.offset
-            img = F.pad(img, (lo, extra - lo, lo, extra - lo))
-        return img, torch.zeros((1, 1), dtype=torch.uint8)
+        return torch.from_numpy(np.array(square.resize((self.size, self.size), Image.Resampling.BICUBIC)))
+
+    @property
+    def finish(self) -> DeviceFinish:
+        extra, lo = self.padded_size - self.size, self.offset
+        return DeviceFinish(tuple(self.mean), tuple(self.std), uint8=True, pad=(lo, extra - lo, lo, extra - lo))
+
+    def mask(self, index: int, mask: np.ndarray | None = None) -> torch.Tensor:
+        return torch.zeros((1, 1), dtype=torch.uint8)
 
     def describe(self) -> dict:
         return {"view": "square-pad", **asdict(self), "padded_size": self.padded_size, "offset": self.offset}
+
+    def describe_image(self) -> dict:
+        return self.describe()
+
+    def describe_mask(self) -> dict:
+        return {"view": "square-pad", "mask": "placeholder"}

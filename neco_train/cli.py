@@ -37,7 +37,7 @@ HELP = {
     "queue_scope": "global: one queue, identical on all processes; process: one per process (the reference)",
     "queue_sampling": "uniform over filled rows, or legacy (randperm(length) %% entries, the reference)",
     "log_floor": "floor P at the smallest float32 inside log (off = the reference's plain log)",
-    "teacher_head": "copy: teacher head starts as the student's; independent: a separate random init (reference)",
+    "teacher_head": "independent (reference, default): a separate random init; copy: starts as the student's",
     "ema": "after (default) or before (reference: the teacher lags one update) the optimizer step",
     "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32; sorting and log stay fp32",
     "compile": "torch.compile the student",

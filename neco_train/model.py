@@ -167,12 +167,13 @@ def build_backbone(base: BaseModel, *, drop_path: float = 0.0, name: str = "neco
 
 
 def build_student_teacher(base: BaseModel, *, drop_path: float = 0.1, head_hidden: int = 2048,
-                          head_out: int = 256, head_layers: int = 3, teacher_head: str = "copy",
+                          head_out: int = 256, head_layers: int = 3, teacher_head: str = "independent",
                           seed: int = 0) -> tuple[NecoNet, NecoNet]:
     """Student (drop-path) and EMA teacher (no drop-path, no gradients), both from the base weights.
 
-    ``teacher_head="copy"`` starts the teacher head as a copy of the student head (the DINO/BYOL practice;
-    spec §7.8); ``"independent"`` draws it separately, as the reference code does.
+    ``teacher_head="independent"`` (default) draws the teacher head separately, as the reference code does (its
+    loader drops the head keys, so the first phase of training aligns the two heads: part of the method as
+    published, spec neco.md §7.8); ``"copy"`` starts it as a copy of the student head (the DINO/BYOL practice).
     """
     if teacher_head not in ("copy", "independent"):
         from densebench.errors import ConfigError, choices_message

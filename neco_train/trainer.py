@@ -13,8 +13,9 @@ One step, for a per-process batch of B images with 2 global and L local crops:
 5. AdamW (backbone 1e-5 / head 1e-4, no decay on biases and 1-D params, cosine LR, weight decay
    0.04 -> 0.5), then the EMA (0.9995 -> 1.0) after the optimizer step.
 
-Legacy options reproduce the reference where it differs: ``teacher_head="independent"``,
-``ema="before"``, ``queue_sampling="legacy"``, ``log_floor=False``, ``queue_scope="process"``.
+Legacy options reproduce the reference where it differs: ``ema="before"``, ``queue_sampling="legacy"``,
+``log_floor=False``, ``queue_scope="process"``. The teacher head starts as an independent random init, as in
+the reference (a method choice, not a slip); ``teacher_head="copy"`` starts it as the student's.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class TrainConfig:
     momentum: float = 0.9995
     momentum_end: float = 1.0
     drop_path: float = 0.1
-    teacher_head: str = "copy"
+    teacher_head: str = "independent"
     ema: str = "after"
     seed: int = 400
     # execution

@@ -28,7 +28,7 @@ def test_public_api_is_importable_from_the_top_level():
 
 def test_table_holds_every_benchmark_once_with_consistent_metadata():
     specs = benchmarks()
-    assert len(specs) == 11 and len({s.name for s in specs}) == 11
+    assert len(specs) == 12 and len({s.name for s in specs}) == 12
     for s in specs:
         assert s.main_metric in s.headline_metrics
         assert s.citations and s.description
@@ -166,3 +166,16 @@ def test_spec_is_frozen():
     with pytest.raises(TypeError):
         spec.synthetic["input_size"] = 1  # type: ignore[index]
     assert isinstance(spec, BenchmarkSpec)
+
+
+@pytest.mark.slow
+def test_results_table_has_one_row_per_result(table_results):
+    results = [r for _, r in table_results.values()]
+    df = densebench.to_pandas(results)
+    assert len(df) == len(results) and set(df["benchmark"]) == set(table_results)
+    for (_, r), (_, row) in zip(table_results.values(), df.iterrows(), strict=True):
+        assert row["score"] == r.main_score and row["model"] == r.model_name and bool(row["synthetic"])
+        assert row["main_metric"] == get_benchmark(r.benchmark).main_metric
+        assert row[row["main_metric"]] == r.main_score
+    pivot = df.pivot_table(index="model", columns="benchmark", values="score")
+    assert pivot.shape == (1, len(results))

@@ -17,32 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from densebench.cache import CACHE_FORMAT, CacheError, FeatureCache, estimate_entry_bytes
 from densebench.data.base import SegmentationDataset
-from densebench.encoders.base import DenseEncoder
 from densebench.features import ExtractionStats, extract
 from densebench.transforms import ResizeView
+from test_features import MeanColourEncoder  # noqa: F401  (also imported by the subprocess workers below)
 
 TESTS = Path(__file__).resolve().parent
 VIEW = ResizeView(16)
 KP = {"view": VIEW.describe()}
-
-
-class MeanColourEncoder(DenseEncoder):
-    """Per-patch mean colour, projected by a fixed random matrix (deterministic, cheap)."""
-
-    def __init__(self, patch=8, dim=6, **kw):
-        super().__init__(**kw)
-        self.patch_size, self.embed_dim, self.name, self.fingerprint = patch, dim, "meancolour", "meancolour-v1"
-        self.register_buffer("proj", torch.randn(3, dim, generator=torch.Generator().manual_seed(0)))
-
-    def _features(self, images, layer, norm):
-        pooled = torch.nn.functional.avg_pool2d(images, self.patch_size)
-        f = pooled.permute(0, 2, 3, 1) @ self.proj
-        return torch.nn.functional.layer_norm(f, (self.embed_dim,)) if norm else f
 
 
 class TinySeg:
@@ -239,7 +224,7 @@ def test_loaded_entry_supports_the_protocols_indexing(tmp_path):
 # the dataset manifest
 
 
-def test_rewritten_mask_of_the_same_size_changes_the_manifest_and_the_features(tmp_path):
+def test_rewritten_mask_of_the_same_size_changes_the_manifest_and_rereads_the_masks(tmp_path):
     root = tmp_path / "data"
     write_file_seg(root)
     cache = FeatureCache(tmp_path / "cache")
@@ -254,7 +239,8 @@ def test_rewritten_mask_of_the_same_size_changes_the_manifest_and_the_features(t
     ds2 = open_file_seg(root)                 # the next run
     assert ds2.manifest_hash() != h0
     after, s1 = run(ds2, cache)
-    assert s1.cache_misses == 1 and s1.images_forwarded == 4, "the old entry must not be used"
+    # image features depend on the images only: reused; the masks entry is keyed by the manifest: re-read
+    assert s1.cache_misses == 1 and s1.images_forwarded == 0 and s1.masks_read == 4, "the old masks must not be used"
     reference, _ = run(open_file_seg(root), FeatureCache(None))
     assert_same(after, reference)
     assert not np.array_equal(before["masks"], after["masks"])
@@ -547,18 +533,27 @@ def test_check_space_refuses_with_the_estimate_and_the_fixes(tmp_path, monkeypat
     FeatureCache(None).check_space(10**15)        # a disabled cache needs no space
 
 
-def test_extraction_that_will_not_fit_stops_after_one_batch(tmp_path, monkeypatch):
-    ds = TinySeg(n=7)
+@pytest.mark.parametrize("split", [False, True], ids=["one-entry", "features+masks"])
+def test_extraction_that_will_not_fit_is_refused_before_the_first_forward(tmp_path, monkeypatch, split):
+    if split:
+        write_file_seg(tmp_path / "data", n=7)
+        ds = open_file_seg(tmp_path / "data", n=7)
+    else:
+        ds = TinySeg(n=7)
+    # room for the masks (7 x 16 x 16 bytes) but not for the features (7 x 4 x 4 x 64 float16)
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr("densebench.cache.shutil.disk_usage", lambda p: usage(1 << 30, 1 << 30, 100))
-    cache = FeatureCache(tmp_path, min_free_bytes=0)
-    enc = MeanColourEncoder()
-    with pytest.raises(CacheError, match="--no-cache"):
+    monkeypatch.setattr("densebench.cache.shutil.disk_usage", lambda p: usage(1 << 30, 1 << 30, 7 * 16 * 16 + 100))
+    cache = FeatureCache(tmp_path / "cache", min_free_bytes=0)
+    enc = MeanColourEncoder(patch=4, dim=64)
+    with pytest.raises(CacheError, match="--no-cache") as e:
         extract(enc, ds, VIEW, key_parts=KP, cache=cache, batch_size=2, progress=False)
-    assert enc.images_forwarded == 2 and not entry_dirs(tmp_path)
+    expect = 7 * 4 * 4 * 64 * 2 + (0 if split else 7 * 16 * 16)     # one entry holds the masks too
+    assert f"needs about {expect / 1024:.1f} KiB" in str(e.value)
+    assert enc.images_forwarded == 0 and leftovers(tmp_path / "cache") == []
+    assert len(entry_dirs(tmp_path / "cache")) == int(split)    # the masks entry fitted
     monkeypatch.undo()
-    out, stats = run(ds, FeatureCache(tmp_path))
-    assert stats.views_reused == 2 and stats.images_forwarded == 5
+    out, stats = run(ds, FeatureCache(tmp_path / "cache"))
+    assert stats.views_reused == 0 and stats.images_forwarded == 7
     assert_same(out, run(ds, FeatureCache(None))[0])
 
 
@@ -632,3 +627,36 @@ def test_cache_cli_ls_du_verify_prune_path(tmp_path):
     res = runner.invoke(app, ["cache", "prune", *cd, "--max-size", "0", "--json"])
     assert res.exit_code == 0 and len(json.loads(res.output)["removed"]) == 2   # the entry and the legacy one
     assert not list((tmp_path / "features").glob("*/*/meta.json"))
+
+
+# ------------------------------------------------------------------------------------------------
+# --verify-data
+
+
+def test_verify_data_option_hashes_contents_through_the_api_and_the_cli(synth_root, tmp_path, capsys, monkeypatch):
+    from densebench.api import evaluate
+    from densebench.cli import main
+    from densebench.data import open_dataset
+    from densebench.results import read_result
+
+    monkeypatch.delenv("DENSEBENCH_VERIFY_DATA", raising=False)
+    val = open_dataset("voc", synth_root, "val")
+    content, stat = val.manifest_hash(verify_data=True), val.manifest_hash(verify_data=False)
+    assert content != stat
+    opts = dict(data_root=synth_root, cache_dir=tmp_path / "c", progress=False, input_size=64, clusters="gt", seeds=1)
+    plain = evaluate("pixels", benchmarks=["voc-overcluster"], **opts)[0]
+    checked = evaluate("pixels", benchmarks=["voc-overcluster"], verify_data=True, **opts)[0]
+    assert plain["provenance"]["dataset"]["manifest_hash"] == stat
+    assert checked["provenance"]["dataset"]["manifest_hash"] == content
+    assert checked["metrics"] == plain["metrics"]
+    assert "DENSEBENCH_VERIFY_DATA" not in os.environ, "the switch is restored after the run"
+
+    out = tmp_path / "r.json"
+    args = ["run", "--model", "pixels", "-b", "voc-overcluster", "--data-root", str(synth_root), "--input-size", "64",
+            "--clusters", "gt", "--seeds", "1", "--cache-dir", str(tmp_path / "c"), "--verify-data", "--quiet",
+            "--output", str(out)]
+    try:
+        main(args)
+    except SystemExit as e:
+        assert not e.code, capsys.readouterr().err
+    assert read_result(out)["provenance"]["dataset"]["manifest_hash"] == content

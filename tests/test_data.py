@@ -32,7 +32,7 @@ from densebench.errors import DataError
 from densebench.paths import read_id_list, shipped
 
 FOLDERS = {"voc": "VOCSegmentation", "ade20k": "ADEChallengeData2016", "coco-things": "coco",
-           "coco-stuff": "coco", "spair": "SPair-71k"}
+           "coco-stuff": "coco", "spair": "SPair-71k", "davis": "DAVIS"}
 
 SPEC_THINGS = ["accessory", "animal", "appliance", "electronic", "food", "furniture", "indoor", "kitchen",
                "outdoor", "person", "sports", "vehicle"]
@@ -79,6 +79,7 @@ def test_find_root_errors_name_what_was_looked_for(tmp_path):
 def test_available_lists_only_present_families(tiny):
     shutil.rmtree(tiny / "SPair-71k")
     shutil.rmtree(tiny / "coco")
+    shutil.rmtree(tiny / "DAVIS")
     assert available(tiny) == ["voc", "ade20k"]
     assert available(tiny / "VOCSegmentation") == ["voc"]
 

@@ -641,3 +641,110 @@ def test_pixels_separates_colour_texture_families():
     nn_idx = (feats[query] @ feats[mem].T).argmax(1)
     acc = (lab[mem][nn_idx] == lab[query]).float().mean().item()
     assert acc > 0.9
+
+
+# --- SelfPatch (issue 16) -----------------------------------------------------------------------------------
+
+SELFPATCH_KW = {"class_token": False, "global_pool": "avg", "final_norm": False, "depth": 2}
+
+
+def _selfpatch_by_hand(sd, x, depth=2, heads=6, p=16):
+    """SelfPatch's VisionTransformer.get_intermediate_layers(x, n=1)[0] (selfpatch_vision_transformer.py) spelled
+    with plain ops: no class token, no final norm, DINO's offset-bicubic position resampling."""
+    b, _, h, w = x.shape
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p).flatten(2).transpose(1, 2)
+    n_pos, dim = sd["pos_embed"].shape[1:]
+    side = math.isqrt(n_pos)
+    if t.shape[1] == n_pos and h == w:         # interpolate_pos_encoding returns the table unchanged
+        t = t + sd["pos_embed"]
+    else:
+        grid = sd["pos_embed"].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        pos = F.interpolate(grid, scale_factor=((h // p + 0.1) / side, (w // p + 0.1) / side), mode="bicubic")
+        t = t + pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    length = t.shape[1]
+    for i in range(depth):
+        k = f"blocks.{i}."
+        y = F.layer_norm(t, (dim,), sd[k + "norm1.weight"], sd[k + "norm1.bias"], eps=1e-6)
+        qkv = F.linear(y, sd[k + "attn.qkv.weight"], sd[k + "attn.qkv.bias"])
+        q, kk, v = qkv.reshape(b, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        att = ((q @ kk.transpose(-2, -1)) * (dim // heads) ** -0.5).softmax(-1)
+        t = t + F.linear((att @ v).transpose(1, 2).reshape(b, length, dim), sd[k + "attn.proj.weight"],
+                         sd[k + "attn.proj.bias"])
+        y = F.layer_norm(t, (dim,), sd[k + "norm2.weight"], sd[k + "norm2.bias"], eps=1e-6)
+        y = F.linear(F.gelu(F.linear(y, sd[k + "mlp.fc1.weight"], sd[k + "mlp.fc1.bias"])), sd[k + "mlp.fc2.weight"],
+                     sd[k + "mlp.fc2.bias"])
+        t = t + y
+    return t.reshape(b, h // p, w // p, dim)
+
+
+def _selfpatch_checkpoint(backbone, seed=1):
+    """main_selfpatch.py's save_dict: DDP student ('module.' prefix), plain teacher; both MultiCropWrappers hold
+    backbone, ca_head (SelfPatchHead: cls token, 2 class-attention blocks, norm), c_head and p_head (DINOHeads)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def heads():
+        return {"ca_head.cls_token": torch.randn(1, 1, 384, generator=g),
+                "ca_head.cls_blocks.0.attn.q.weight": torch.randn(384, 384, generator=g),
+                "ca_head.cls_blocks.1.mlp.fc2.bias": torch.randn(384, generator=g),
+                "ca_head.norm.weight": torch.randn(384, generator=g),
+                "c_head.mlp.0.weight": torch.randn(64, 384, generator=g),
+                "c_head.last_layer.weight_g": torch.randn(1, 64, generator=g),
+                "p_head.mlp.0.weight": torch.randn(64, 384, generator=g),
+                "p_head.last_layer.weight_v": torch.randn(32, 64, generator=g)}
+
+    teacher = {**{f"backbone.{k}": v.clone() for k, v in backbone.items()}, **heads()}
+    student = {f"module.backbone.{k}": torch.randn(v.shape, generator=g) for k, v in backbone.items()}
+    student.update({f"module.{k}": v for k, v in heads().items()})
+    return {"student": student, "teacher": teacher, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3,
+            "args": argparse.Namespace(arch="vit_small", k_num=4), "dino_loss": {"center": torch.zeros(1, 64)}}
+
+
+def test_selfpatch_checkpoint_loads_the_teacher_backbone_strictly(tmp_path):
+    import timm
+
+    from densebench.encoders.timm_encoder import TimmEncoder
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True,
+                            **SELFPATCH_KW).eval()
+    for v in net.state_dict().values():            # random, non-default weights everywhere (norms included)
+        v.copy_(torch.randn_like(v) * 0.2)
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    assert "cls_token" not in sd and "norm.weight" not in sd and sd["pos_embed"].shape == (1, 196, 384)
+    path = tmp_path / "checkpoint.pth"
+    torch.save(_selfpatch_checkpoint(sd), path)
+    enc = load_encoder("selfpatch_vits16", weights=str(path), model_kwargs={"depth": 2})
+    direct = TimmEncoder(net, name="direct", fingerprint="x", pos_interp="meta-offset")
+    for h, w in ((224, 224), (48, 80), (96, 64)):
+        x = _images(h, w)
+        got = _feats(enc, x)
+        torch.testing.assert_close(got, _feats(direct, x), rtol=0, atol=0)
+        torch.testing.assert_close(got, _selfpatch_by_hand(sd, x), rtol=1e-4, atol=1e-4)
+    d = enc.describe()
+    assert d["weights_container"] == "teacher" and d["weights_prefix"] == "backbone."
+    assert d["weights_format"] == "selfpatch" and d["weights_dropped_keys"] == 8
+    assert d["weights_dropped_modules"] == ["c_head", "ca_head", "p_head"]
+    assert d["num_prefix_tokens"] == 0 and d["pos_interp"] == "meta-offset" and d["method"] == "SelfPatch"
+    # a teacher state dict saved on its own, or the bare backbone, gives the same weights
+    torch.save(_selfpatch_checkpoint(sd)["teacher"], tmp_path / "teacher.pth")
+    torch.save(sd, tmp_path / "backbone.pth")
+    for f in ("teacher.pth", "backbone.pth"):
+        other = load_encoder("selfpatch_vits16", weights=str(tmp_path / f), model_kwargs={"depth": 2})
+        assert other.fingerprint == enc.fingerprint
+
+
+def test_selfpatch_refuses_a_student_only_or_foreign_checkpoint_and_says_where_the_file_comes_from(tmp_path):
+    net_sd = load_encoder("random:vit_small_patch16_224", model_kwargs=SELFPATCH_KW).model.state_dict()
+    full = _selfpatch_checkpoint(net_sd)
+    torch.save({"student": full["student"], "epoch": 1}, tmp_path / "student.pth")
+    with pytest.raises(ModelError, match="no 'teacher'"):
+        load_encoder("selfpatch_vits16", weights=str(tmp_path / "student.pth"), model_kwargs={"depth": 2})
+    dino = load_encoder("random:vit_small_patch16_224", model_kwargs={"depth": 2}).model.state_dict()
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in dino.items()}}, tmp_path / "dino.pth")
+    with pytest.raises(ModelError, match="unexpected keys: cls_token"):   # a DINO ViT has a class token and norm
+        load_encoder("selfpatch_vits16", weights=str(tmp_path / "dino.pth"), model_kwargs={"depth": 2})
+    with pytest.raises(ModelError, match="no download URL.*Google Drive.*alinlab/SelfPatch") as err:
+        load_encoder("selfpatch_vits16")
+    assert "--weights" in err.value.hint and "selfpatch_vits16.pth" in err.value.hint
+    row = next(r for r in list_models() if r["name"] == "selfpatch_vits16")
+    assert row["method"] == "SelfPatch" and row["offline"] is False and "alinlab/SelfPatch" in row["source"]

@@ -24,7 +24,7 @@ def get_family(family: str | DatasetFamily) -> DatasetFamily:
     if isinstance(family, DatasetFamily):
         return family
     if family not in FAMILIES:
-        raise DataError(choices_message("dataset family", family, FAMILIES))
+        raise DataError(choices_message("dataset family", family, FAMILIES), hint="use one of the accepted names")
     return FAMILIES[family]
 
 
@@ -78,12 +78,15 @@ def fraction_list(family: str, fraction: int, seed: int, *, data_root: str | os.
     fam = get_family(family)
     if fam.fractions is None:
         with_lists = [f.name for f in FAMILIES.values() if f.fractions]
-        raise DataError(f"no shipped fraction lists for {fam.name!r}; they exist for: {', '.join(with_lists)}")
+        raise DataError(f"no shipped fraction lists for {fam.name!r}; they exist for: {', '.join(with_lists)}",
+                        hint="leave --train-fraction unset for this dataset, or pass your own --train-list FILE")
     prefix, counts = fam.fractions
     if fraction not in counts:
-        raise DataError(choices_message("training fraction 1/N for " + fam.name, fraction, counts))
+        raise DataError(choices_message("training fraction 1/N for " + fam.name, fraction, counts),
+                        hint="pass one of the accepted N as --train-fraction")
     if seed not in FRACTION_SEEDS:
-        raise DataError(choices_message("fraction-list seed", seed, FRACTION_SEEDS))
+        raise DataError(choices_message("fraction-list seed", seed, FRACTION_SEEDS),
+                        hint="pass one of the accepted seeds as --fraction-seed")
     if data_root is not None:
         root = find_root(family, data_root)
         manifest = read_manifest(root)

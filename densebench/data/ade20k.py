@@ -2,8 +2,11 @@
 
 ``ADEChallengeData2016/{images,annotations}/{training,validation}/<id>.{jpg,png}``; L-mode masks with
 values 0..150 where 0 = "other"/unlabelled is the ignore index and the class count stays 151 as in the
-published protocols. Ids come from the shipped lists (ADE_train_00000001..20210, ADE_val_00000001..2000),
-never from pairing two directory listings.
+published protocols. A split's ids are the images present in ``images/<split>/`` (as the reference loaders
+read them), each paired with ``annotations/<split>/<id>.png`` by id, never by pairing two directory listings;
+they are compared with the shipped published lists (ADE_train_00000001..20210, ADE_val_00000001..2000), which
+are used when the folder is absent. A ``sets/<split>.txt`` in the root takes precedence over the listing. Own
+classes: ``densebench_classes.json`` or ``classes.txt`` in the root (see densebench.data.base).
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import SegmentationDataset
-from .ids import IdList, resolve_ids, shipped_path
+from .base import SegmentationDataset, dataset_classes
+from .ids import IdList, shipped_path, split_ids
 
 NUM_CLASSES = 151
 IGNORE_INDEX = 0
@@ -35,12 +38,13 @@ class ADE20KDataset(SegmentationDataset):
 
 
 def open_ade20k(root: Path, split: str, *, id_list: IdList = None) -> ADE20KDataset:
-    candidates = []
-    if split in SHIPPED_SPLITS:
-        candidates.append(shipped_path("ade20k", f"{split}.txt"))
-    candidates.append(root / "sets" / f"{split}.txt")
-    ids, source, synthetic = resolve_ids(root, "ade20k", split, id_list, candidates,
-                                         hint="ADE20K splits are 'training' and 'validation'")
-    return ADE20KDataset(name="ade20k", split=split, root=root, ids=ids, num_classes=NUM_CLASSES,
-                         ignore_index=IGNORE_INDEX, class_names=class_names(), synthetic=synthetic,
-                         extra={"id_source": source})
+    published = shipped_path("ade20k", f"{split}.txt") if split in SHIPPED_SPLITS else None
+    ids, synthetic, extra = split_ids(root, "ade20k", split, id_list, own_files=[root / "sets" / f"{split}.txt"],
+                                      own_listing=(root / "images" / split, ".jpg"), published=published,
+                                      hint="ADE20K splits are 'training' and 'validation'")
+    classes = dataset_classes(root, NUM_CLASSES, class_names, IGNORE_INDEX)
+    if classes.source:
+        extra["classes_source"] = classes.source
+    return ADE20KDataset(name="ade20k", split=split, root=root, ids=ids, num_classes=classes.num_classes,
+                         ignore_index=classes.ignore_index, class_names=classes.class_names, synthetic=synthetic,
+                         extra=extra)

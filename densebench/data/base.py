@@ -25,44 +25,157 @@ from ..errors import DataError
 MANIFEST_NAME = "densebench_manifest.json"
 
 
+_MANIFEST_FIX = ("regenerate the suite with `densebench synth`, or delete the file if this is a real dataset "
+                 "folder (the official split lists are used then)")
+
+
 def read_manifest(root: Path) -> dict | None:
+    """The synthetic suite's manifest of ``root`` (None when there is none), its structure checked: a JSON object
+    whose ``splits`` maps each split to a list of ids and whose ``fractions`` maps N to {seed: list path}."""
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e})", hint="regenerate it with `densebench synth`") from e
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e})", hint=_MANIFEST_FIX) from e
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e.strerror or e})", hint="check its permissions") from e
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path} is not a densebench manifest: {problem}", hint=_MANIFEST_FIX)
+    return manifest
 
 
-def open_image(path: Path) -> Image.Image:
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _manifest_problem(manifest) -> str | None:
+    """What is wrong with a parsed manifest's structure, or None."""
+    if not isinstance(manifest, dict):
+        return f"it holds {_json_kind(manifest)}, not a JSON object"
+    splits = manifest.get("splits", {})
+    if not isinstance(splits, dict):
+        return f"'splits' is {_json_kind(splits)}, not an object of id lists"
+    for name, ids in splits.items():
+        if not isinstance(ids, list):
+            return f"splits.{name} is {_json_kind(ids)}, not a list of ids"
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (str, int))]
+        if bad:
+            return f"splits.{name} holds {_json_kind(bad[0])} where an id belongs"
+    fractions = manifest.get("fractions", {})
+    lists = list(fractions.values()) if isinstance(fractions, dict) else [None]
+    if not all(isinstance(f, dict) and all(isinstance(p, str) for p in f.values()) for f in lists):
+        return "'fractions' is not an object of {seed: list file} objects"
+    if not isinstance(manifest.get("counts", {}), dict):
+        return "'counts' is not an object"
+    return None
+
+
+#: A dataset root's own classes (a user's dataset in an official layout): a JSON object
+#: ``{"class_names": [...], "ignore_index": 255}`` (``num_classes`` optional, equal to the number of names),
+#: or ``classes.txt`` with one class name per line (ignore label: the family's). The JSON file wins.
+CLASSES_JSON = "densebench_classes.json"
+CLASSES_TXT = "classes.txt"
+_CLASSES_FIX = (f"write {CLASSES_JSON} as {{\"class_names\": [\"background\", ...], \"ignore_index\": 255}} or "
+                f"{CLASSES_TXT} with one class name per line (docs/datasets.md)")
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """The label space a dataset root declares; ``source`` is the metadata file (None: the family's own)."""
+
+    num_classes: int
+    class_names: list[str]
+    ignore_index: int
+    source: str | None = None
+
+
+def _classes_from_json(path: Path, ignore_index: int) -> ClassInfo:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} cannot be read as JSON ({e})", hint=_CLASSES_FIX) from e
+    names = meta.get("class_names") if isinstance(meta, dict) else None
+    count = meta.get("num_classes") if isinstance(meta, dict) else None
+    if names is None and isinstance(count, int) and not isinstance(count, bool):
+        names = [f"class_{i}" for i in range(count)]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise DataError(f"{path} needs 'class_names', a non-empty list of names (or 'num_classes')", hint=_CLASSES_FIX)
+    if count is not None and count != len(names):
+        raise DataError(f"{path} gives num_classes {count!r} but {len(names)} class names", hint=_CLASSES_FIX)
+    ignore = meta.get("ignore_index", ignore_index)
+    if isinstance(ignore, bool) or not isinstance(ignore, int) or not 0 <= ignore <= 255:
+        raise DataError(f"{path}: ignore_index must be an integer in 0..255, got {ignore!r}", hint=_CLASSES_FIX)
+    return ClassInfo(len(names), [n.strip() for n in names], ignore, str(path))
+
+
+def dataset_classes(root: Path, num_classes: int, class_names, ignore_index: int) -> ClassInfo:
+    """The classes of the dataset at ``root``: its own metadata file when it has one (:data:`CLASSES_JSON`,
+    :data:`CLASSES_TXT`), else the family's (``class_names`` is called only then)."""
+    root = Path(root)
+    if (root / CLASSES_JSON).is_file():
+        info = _classes_from_json(root / CLASSES_JSON, ignore_index)
+    elif (root / CLASSES_TXT).is_file():
+        names = [line.strip() for line in (root / CLASSES_TXT).read_text(encoding="utf-8").splitlines()]
+        names = [n for n in names if n]
+        if not names:
+            raise DataError(f"{root / CLASSES_TXT} lists no class names", hint=_CLASSES_FIX)
+        info = ClassInfo(len(names), names, ignore_index, str(root / CLASSES_TXT))
+    else:
+        return ClassInfo(num_classes, list(class_names()), ignore_index)
+    if info.num_classes > 255 or (info.num_classes > info.ignore_index and info.ignore_index != ignore_index):
+        raise DataError(f"{info.source}: {info.num_classes} classes with ignore label {info.ignore_index} do not fit "
+                        "uint8 label maps (class ids 0..C-1, the ignore label outside them)", hint=_CLASSES_FIX)
+    if len(set(info.class_names)) != len(info.class_names):
+        raise DataError(f"{info.source} repeats a class name", hint="give every class a distinct name")
+    return info
+
+
+_REEXTRACT = "re-extract it from the official archive (the file is damaged or was cut short)"
+
+
+def missing_file_hint(id_: str | None = None, listed_in: str | None = None) -> str:
+    """The fix for a file whose id the split list names but which is not there (ids come from split lists, never
+    from listing folders, so a missing file is a listed id without its files)."""
+    which = f"id {id_}" if id_ else "its id"
+    where = f" ({listed_in})" if listed_in else ""
+    return (f"{which} is in the split list{where} but the file is missing: restore it from the official archive, "
+            "or check that --data-root is the complete dataset")
+
+
+def open_image(path: Path, *, missing_hint: str | None = None) -> Image.Image:
     """Open an RGB image, turning PIL's many failure modes into one clear DataError."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
     except FileNotFoundError as e:
-        raise DataError(f"image {path} does not exist") from e
+        raise DataError(f"image {path} does not exist", hint=missing_hint or missing_file_hint()) from e
     except Exception as e:  # PIL raises a zoo of exception types for corrupt files
-        raise DataError(f"image {path} cannot be read ({type(e).__name__}: {e})",
-                        hint="re-extract it from the official archive") from e
+        raise DataError(f"image {path} cannot be read ({type(e).__name__}: {e})", hint=_REEXTRACT) from e
 
 
-def open_mask(path: Path) -> np.ndarray:
+def open_mask(path: Path, *, missing_hint: str | None = None) -> np.ndarray:
     """Open a label PNG as the raw uint8 values stored in it (palette indices for 'P' images)."""
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P", "I;16", "I"):
-                raise DataError(f"mask {path} has mode {im.mode}; expected a single-channel label PNG (L or P)")
+                raise DataError(f"mask {path} has mode {im.mode}; expected a single-channel label PNG (L or P)",
+                                hint="use the official label PNGs (class ids as pixel values), not colour renderings")
             arr = np.array(im)
     except FileNotFoundError as e:
-        raise DataError(f"mask {path} does not exist") from e
+        raise DataError(f"mask {path} does not exist", hint=missing_hint or missing_file_hint()) from e
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"mask {path} cannot be read ({type(e).__name__}: {e})") from e
+        raise DataError(f"mask {path} cannot be read ({type(e).__name__}: {e})", hint=_REEXTRACT) from e
     if arr.dtype != np.uint8:
         if arr.max() > 255:
-            raise DataError(f"mask {path} has values above 255")
+            raise DataError(f"mask {path} has values above 255",
+                            hint="class ids are 0..255; use the official label PNGs")
         arr = arr.astype(np.uint8)
     return arr
 
@@ -151,10 +264,10 @@ class SegmentationDataset:
 
     # Subclasses implement these two; the base class checks and maps.
     def image_path(self, id_: str) -> Path:  # pragma: no cover - overridden
-        raise DataError(f"{type(self).__name__} does not define image_path")
+        raise DataError(f"{type(self).__name__} does not define image_path", hint="implement image_path(id_)")
 
     def mask_path(self, id_: str) -> Path:  # pragma: no cover - overridden
-        raise DataError(f"{type(self).__name__} does not define mask_path")
+        raise DataError(f"{type(self).__name__} does not define mask_path", hint="implement mask_path(id_)")
 
     def map_mask(self, raw: np.ndarray, id_: str) -> np.ndarray:
         """Raw stored values -> benchmark label space. Default: identity with a range check."""
@@ -173,8 +286,9 @@ class SegmentationDataset:
 
     def __getitem__(self, i: int):
         id_ = self.ids[i]
-        image = open_image(self.image_path(id_))
-        mask = self.map_mask(open_mask(self.mask_path(id_)), id_)
+        missing = missing_file_hint(id_, self.extra.get("id_source"))
+        image = open_image(self.image_path(id_), missing_hint=missing)
+        mask = self.map_mask(open_mask(self.mask_path(id_), missing_hint=missing), id_)
         if mask.shape != (image.height, image.width):
             raise DataError(
                 f"mask {self.mask_path(id_)} is {mask.shape[1]}x{mask.shape[0]} but image "

@@ -80,10 +80,12 @@ def _load_categories(path: str, mtime: float) -> list[dict]:
                         hint="re-extract it from the official COCO annotation archive") from e
     cats = data.get("categories") if isinstance(data, dict) else None
     if not isinstance(cats, list) or not cats:
-        raise DataError(f"category file {path} has no 'categories' list")
+        raise DataError(f"category file {path} has no 'categories' list",
+                        hint="re-extract it from the official COCO annotation archive")
     for c in cats:
         if not {"id", "supercategory"} <= set(c):
-            raise DataError(f"category file {path} has a category without 'id'/'supercategory': {c}")
+            raise DataError(f"category file {path} has a category without 'id'/'supercategory': {c}",
+                            hint="re-extract it from the official COCO annotation archive")
     return cats
 
 

@@ -6,6 +6,7 @@ nothing else in the package branches on a family's name.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from .ade20k import class_names as ade20k_class_names
 from .ade20k import open_ade20k
 from .base import SegmentationDataset
 from .coco import open_coco, read_categories, stuff_supercategories, thing_supercategories
+from .davis import RESOLUTION as DAVIS_RESOLUTION
+from .davis import open_davis
 from .ids import IdList
 from .spair import categories as spair_categories
 from .spair import open_spair
@@ -46,6 +49,10 @@ def _spair_layout(p: Path) -> bool:
     return _is_dir(p, "PairAnnotation") and _is_dir(p, "JPEGImages")
 
 
+def _davis_layout(p: Path) -> bool:
+    return _is_dir(p, "JPEGImages", DAVIS_RESOLUTION) and _is_dir(p, "Annotations", DAVIS_RESOLUTION)
+
+
 @dataclass(frozen=True)
 class DatasetFamily:
     """One dataset family. ``ignored_class``: a class id that is also the ignore label yet counted in the
@@ -72,6 +79,15 @@ class DatasetFamily:
 
     def open(self, root: Path, split: str, *, id_list: IdList = None) -> SegmentationDataset:
         return self.opener(root, split, id_list=id_list)
+
+    def for_classes(self, num_classes: int, ignore_index: int) -> DatasetFamily:
+        """This family with the label space an opened dataset declares (a user's dataset in this family's layout
+        with its own ``densebench_classes.json``), so means and notes count its classes; itself when unchanged.
+        The ignored class is kept only where it is still both a class and the ignore label."""
+        if (num_classes, ignore_index) == (self.num_classes, self.ignore_index):
+            return self
+        ignored = self.ignored_class if self.ignored_class == ignore_index and ignore_index < num_classes else None
+        return dataclasses.replace(self, num_classes=num_classes, ignore_index=ignore_index, ignored_class=ignored)
 
     def mean_note(self) -> str:
         """How the headline mean over classes is taken, for result metric notes."""
@@ -130,13 +146,19 @@ SPAIR = DatasetFamily(
     name="spair", title="SPair-71k", train_split="trn", val_split="test", root_names=("SPair-71k",),
     num_classes=None, ignore_index=None, class_names=spair_categories, looks_like=_spair_layout,
     opener=open_spair)
+#: Video object segmentation: no class label space (object ids are per sequence), no ignore label in the metric.
+DAVIS = DatasetFamily(
+    name="davis", title="DAVIS-2017 (semi-supervised, 480p)", train_split="train", val_split="val",
+    root_names=("DAVIS",), num_classes=None, ignore_index=None, class_names=list, looks_like=_davis_layout,
+    opener=open_davis)
 
 #: Every family, in the order listings and leaderboards show them.
-FAMILIES: dict[str, DatasetFamily] = {f.name: f for f in (VOC, ADE20K, COCO_THINGS, COCO_STUFF, SPAIR)}
+FAMILIES: dict[str, DatasetFamily] = {f.name: f for f in (VOC, ADE20K, COCO_THINGS, COCO_STUFF, SPAIR, DAVIS)}
 
 
 def family_names() -> tuple[str, ...]:
     return tuple(FAMILIES)
 
 
-__all__ = ["ADE20K", "COCO_STUFF", "COCO_THINGS", "FAMILIES", "SPAIR", "VOC", "DatasetFamily", "family_names"]
+__all__ = ["ADE20K", "COCO_STUFF", "COCO_THINGS", "DAVIS", "FAMILIES", "SPAIR", "VOC", "DatasetFamily",
+           "family_names"]

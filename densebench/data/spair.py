@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..errors import DataError
 from ..paths import read_id_list
-from .base import SegmentationDataset, open_image
+from .base import SegmentationDataset, missing_file_hint, open_image
 from .ids import IdList, resolve_ids, shipped_path
 from .voc import NUM_CLASSES as VOC_NUM_CLASSES
 from .voc import class_names as voc_class_names
@@ -45,7 +45,7 @@ def _read_json(path: Path, what: str) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{what} {path} is not valid JSON ({e})", hint="re-extract SPair-71k.tar.gz") from e
     if not isinstance(data, dict):
-        raise DataError(f"{what} {path} is not a JSON object")
+        raise DataError(f"{what} {path} is not a JSON object", hint="re-extract SPair-71k.tar.gz")
     return data
 
 
@@ -57,7 +57,8 @@ def parse_pair_name(name: str) -> tuple[str, str, str, str]:
         pair_id, rest = ids.split("-", 1)
         src, trg = rest.split("-", 1)
     except ValueError as e:
-        raise DataError(f"SPair pair name {name!r} is not '<pairid>-<src>-<trg>:<category>'") from e
+        raise DataError(f"SPair pair name {name!r} is not '<pairid>-<src>-<trg>:<category>'",
+                        hint="list pairs by their official names (Layout/large/<split>.txt)") from e
     return pair_id, src, trg, cat
 
 
@@ -70,7 +71,8 @@ def _kps_from_image_annotation(ann: dict, path: Path) -> np.ndarray:
     for k, v in kps.items():
         i = int(k)
         if not 0 <= i < n:
-            raise DataError(f"image annotation {path} has keypoint slot {k!r} outside 0..{n - 1}")
+            raise DataError(f"image annotation {path} has keypoint slot {k!r} outside 0..{n - 1}",
+                            hint="re-extract SPair-71k.tar.gz")
         if v is not None:
             out[i] = (float(v[0]), float(v[1]))
     return out
@@ -84,7 +86,8 @@ def _kps_from_pair(pair: dict, side: str, path: Path) -> np.ndarray:
     slots = [int(i) for i in pair["kps_ids"]]
     pts = pair[f"{side}_kps"]
     if len(pts) != len(slots):
-        raise DataError(f"pair annotation {path}: {side}_kps has {len(pts)} points but kps_ids has {len(slots)}")
+        raise DataError(f"pair annotation {path}: {side}_kps has {len(pts)} points but kps_ids has {len(slots)}",
+                        hint="re-extract SPair-71k.tar.gz")
     out = np.full((max(slots, default=-1) + 1, 2), np.nan, dtype=np.float64)
     for s, p in zip(slots, pts):
         out[s] = (float(p[0]), float(p[1]))
@@ -118,7 +121,7 @@ class SPairDataset(SegmentationDataset):
         return self.root / "PairAnnotation" / self.split / f"{name}.json"
 
     def image(self, id_: str) -> Image.Image:
-        return open_image(self.image_path(id_))
+        return open_image(self.image_path(id_), missing_hint=missing_file_hint(id_, self.extra.get("id_source")))
 
     @property
     def pairs(self) -> list[dict]:
@@ -171,7 +174,8 @@ class SPairDataset(SegmentationDataset):
             src_vis, trg_vis = (np.concatenate([v, np.zeros(n - len(v), bool)]) for v in (src_vis, trg_vis))
             bbox = [float(v) for v in pair["trg_bndbox"]]
             if len(bbox) != 4:
-                raise DataError(f"pair annotation {path}: trg_bndbox must be [x1, y1, x2, y2], got {bbox}")
+                raise DataError(f"pair annotation {path}: trg_bndbox must be [x1, y1, x2, y2], got {bbox}",
+                                hint="re-extract SPair-71k.tar.gz")
             out.append({
                 "pair_id": str(pair.get("pair_id", pair_id)), "name": name, "category": cat,
                 "src_id": src_id, "trg_id": trg_id,
@@ -187,7 +191,8 @@ class SPairDataset(SegmentationDataset):
 def open_spair(root: Path, split: str, *, id_list: IdList = None) -> SPairDataset:
     """Open a SPair-71k split ('trn', 'val', 'test'); ``id_list`` may restrict it to given pair names."""
     if split not in SPLITS:
-        raise DataError(f"unknown SPair-71k split {split!r}; accepted: {', '.join(SPLITS)}")
+        raise DataError(f"unknown SPair-71k split {split!r}; accepted: {', '.join(SPLITS)}",
+                        hint="use one of the accepted splits")
     names, source, synthetic = resolve_ids(root, "spair", split, id_list,
                                            [root / "Layout" / "large" / f"{split}.txt"],
                                            hint="re-extract SPair-71k.tar.gz (it ships Layout/large/*.txt)")

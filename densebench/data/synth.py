@@ -31,15 +31,17 @@ from .spair import categories as spair_categories
 from .voc import voc_palette
 
 #: Bump when the generated content changes: ensure_synthetic_suite keys its cache folder on it.
-SYNTH_VERSION = 2
+SYNTH_VERSION = 3
 
 SCALES: dict[str, dict] = {
     "default": {"voc": {"trainaug": 48, "val": 24}, "ade20k": {"training": 48, "validation": 24},
                 "coco": {"train": 48, "val": 24}, "spair_categories": 5, "spair_images": 8,
-                "spair_pairs": {"trn": 8, "val": 4, "test": 8}, "size": (160, 128)},
+                "spair_pairs": {"trn": 8, "val": 4, "test": 8}, "size": (160, 128),
+                "davis": {"train": 2, "val": 3}, "davis_frames": 8, "davis_size": (192, 128)},
     "tiny": {"voc": {"trainaug": 6, "val": 4}, "ade20k": {"training": 6, "validation": 4},
              "coco": {"train": 6, "val": 4}, "spair_categories": 2, "spair_images": 4,
-             "spair_pairs": {"trn": 2, "val": 1, "test": 3}, "size": (96, 80)},
+             "spair_pairs": {"trn": 2, "val": 1, "test": 3}, "size": (96, 80),
+             "davis": {"train": 1, "val": 2}, "davis_frames": 4, "davis_size": (96, 64)},
 }
 
 PATTERNS = ("stripes", "checks", "dots", "waves", "rings", "plaid")
@@ -568,8 +570,66 @@ def _write_spair(out: Path, scale: dict, rng: np.random.Generator) -> dict:
     return {s: len(v) for s, v in splits.items()}
 
 
+def _davis_objects(rng: np.random.Generator, w: int, h: int, n_frames: int, first_class: int) -> list[dict]:
+    """2-3 objects with a style, a shape and a constant velocity that keeps them inside the frame."""
+    objects = []
+    for k in range(int(rng.integers(2, 4))):
+        rx = rng.uniform(0.13, 0.2) * min(h, w)
+        ry = rx * rng.uniform(0.75, 1.25)
+        span = max(1, n_frames - 1)
+        vx, vy = rng.uniform(-0.35, 0.35) * w / span, rng.uniform(-0.3, 0.3) * h / span
+        cx = rng.uniform(0.25 * w, 0.75 * w) - vx * span / 2
+        cy = rng.uniform(0.3 * h, 0.7 * h) - vy * span / 2
+        objects.append({"id": k + 1, "class": first_class + k, "shape": SHAPES[(first_class + 3 * k) % len(SHAPES)],
+                        "start": [round(cx, 3), round(cy, 3)], "velocity": [round(vx, 3), round(vy, 3)],
+                        "radius": [round(rx, 3), round(ry, 3)], "angle": round(float(rng.uniform(0, 360)), 3),
+                        "texture_seed": int(rng.integers(2 ** 31))})
+    return objects
+
+
+def _write_davis(out: Path, scale: dict, rng: np.random.Generator) -> dict:
+    """DAVIS-2017 in the official layout: short sequences of textured objects translating at constant
+    velocities (recorded in the manifest) over a textured, static background; palette PNG annotations with
+    object ids 1..N (later objects occlude earlier ones)."""
+    root = out / "DAVIS"
+    palette = voc_palette()
+    w, h = scale["davis_size"]
+    n_frames = scale["davis_frames"]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    splits, hists, motion, frames = {}, {}, {}, {}
+    for split, n in scale["davis"].items():
+        hist: dict = {}
+        splits[split] = [f"{split}-seq{i:02d}" for i in range(n)]
+        for i, seq in enumerate(splits[split]):
+            for d in ("JPEGImages", "Annotations"):
+                (root / d / "480p" / seq).mkdir(parents=True, exist_ok=True)
+            backdrop = 0.55 * _background(rng, h, w) + 0.45 * _texture(class_style(15 + i % 5), xx, yy, w / 2, h / 2,
+                                                                        rng)
+            objects = _davis_objects(rng, w, h, n_frames, first_class=3 * i)
+            motion[seq] = objects
+            frames[seq] = [f"{t:05d}" for t in range(n_frames)]
+            for t, name in enumerate(frames[seq]):
+                img, label = backdrop.copy(), np.zeros((h, w), np.uint8)
+                for o in objects:
+                    cx, cy = (o["start"][0] + o["velocity"][0] * t, o["start"][1] + o["velocity"][1] * t)
+                    m = _shape_mask(o["shape"], xx, yy, cx, cy, *o["radius"], o["angle"])
+                    dx, dy = cx - o["start"][0], cy - o["start"][1]     # the texture moves with the object
+                    tex = _texture(class_style(o["class"]), xx - dx, yy - dy, o["start"][0], o["start"][1],
+                                   np.random.default_rng(o["texture_seed"]))
+                    img[m], label[m] = tex[m], o["id"]
+                _finish(img, rng).save(root / "JPEGImages" / "480p" / seq / f"{name}.jpg", quality=90)
+                pim = Image.fromarray(label, "P")
+                pim.putpalette(palette)
+                pim.save(root / "Annotations" / "480p" / seq / f"{name}.png")
+                _hist(label, hist)
+        hists[split] = hist
+        _ids_file(root / "ImageSets" / "2017" / f"{split}.txt", splits[split])
+    _write_manifest(root, splits, {"davis": hists}, {"frames": frames, "motion": motion})
+    return {s: len(v) for s, v in splits.items()}
+
+
 def write_synthetic_suite(out: Path, *, seed: int = 0, scale: str = "default") -> dict:
-    """Write the four miniature datasets into ``out`` (a data home) and return their split counts.
+    """Write the five miniature datasets into ``out`` (a data home) and return their split counts.
 
     Deterministic for a given (seed, scale, SYNTH_VERSION). ``scale`` is 'default' (the embedded run) or
     'tiny' (unit tests).
@@ -583,7 +643,7 @@ def write_synthetic_suite(out: Path, *, seed: int = 0, scale: str = "default") -
     sc = SCALES[scale]
     counts = {}
     for i, (name, fn) in enumerate((("voc", _write_voc), ("ade20k", _write_ade20k), ("coco", _write_coco),
-                                    ("spair", _write_spair))):
+                                    ("spair", _write_spair), ("davis", _write_davis))):
         counts[name] = fn(out, sc, np.random.default_rng([seed, i]))
     return {"root": str(out), "seed": seed, "scale": scale, "version": SYNTH_VERSION, "counts": counts}
 
@@ -612,3 +672,17 @@ def ensure_synthetic_suite(cache_root: Path, *, seed: int = 0, scale: str = "def
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def write_voc_sized(out: Path, *, n_train: int = 800, n_val: int = 100, seed: int = 0) -> dict:
+    """A VOC tree (official layout) with VOC-sized images (about 500x375) for measuring the feature engine.
+
+    ``n_train`` trainaug + ``n_val`` val images drawn like the suite's VOC (same classes, styles, boundary
+    band), only larger: the data path costs (decoding, views, masks) scale with the pixels, so
+    ``bench/engine.py`` measures them here rather than on the 160x128 suite. Deterministic per ``seed``.
+    """
+    scale = {"voc": {"trainaug": int(n_train), "val": int(n_val)}, "size": (500, 375)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = _write_voc(out, scale, np.random.default_rng([seed, 0]))
+    return {"root": str(out), "seed": seed, "size": scale["size"], "version": SYNTH_VERSION, "counts": counts}

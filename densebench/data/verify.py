@@ -31,6 +31,7 @@ PUBLISHED_COUNTS = {
     ("ade20k", "training"): 20210, ("ade20k", "validation"): 2000,
     ("coco-things", "val"): 5000, ("coco-stuff", "val"): 5000,
     ("spair", "trn"): 53340, ("spair", "val"): 5384, ("spair", "test"): 12234,
+    ("davis", "train"): 60, ("davis", "val"): 30,     # sequences
 }
 
 REQUIRED_DIRS = {
@@ -39,10 +40,23 @@ REQUIRED_DIRS = {
     "coco-things": ("images", "annotations"),
     "coco-stuff": ("images", "annotations"),
     "spair": ("JPEGImages", "ImageAnnotation", "PairAnnotation"),
+    "davis": ("JPEGImages/480p", "Annotations/480p", "ImageSets/2017"),
 }
 
 VERIFY_SPLITS = {"voc": ("trainaug", "val"), "ade20k": ("training", "validation"),
-                 "coco-things": ("train", "val"), "coco-stuff": ("train", "val"), "spair": ("trn", "val", "test")}
+                 "coco-things": ("train", "val"), "coco-stuff": ("train", "val"), "spair": ("trn", "val", "test"),
+                 "davis": ("train", "val")}
+
+#: Official archives that ``datasets/checksums.json`` does not list yet (same fields).
+EXTRA_ARCHIVES = {
+    "DAVIS-2017-trainval-480p.zip": {
+        "families": ["davis"],
+        "url": "https://data.vision.ee.ethz.ch/csergi/share/davis/DAVIS-2017-trainval-480p.zip",
+        "md5": None, "sha1": None,
+        "note": "the semi-supervised TrainVal 480p release (davischallenge.org/davis2017/code.html); extracts to "
+                "DAVIS/{JPEGImages,Annotations}/480p/<sequence>/ and DAVIS/ImageSets/2017/{train,val}.txt",
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -121,6 +135,49 @@ def _verify_spair(ds, progress: Progress | None, done: int, total: int) -> tuple
     return problems, done
 
 
+def _verify_davis(ds, progress: Progress | None, done: int, total: int) -> tuple[list[Problem], int]:
+    """Every frame as a segmentation pair, then per sequence: enough frames to score, objects in the first
+    annotation, one frame size."""
+    problems, done = _verify_segmentation(ds, progress, done, total)
+    for seq in ds.sequences:
+        folder = ds.root / "JPEGImages" / "480p" / seq
+        if len(ds.frames[seq]) < 3:
+            problems.append(Problem(str(folder), f"sequence has {len(ds.frames[seq])} frames; the semi-supervised "
+                                                 "evaluation scores all but the first and last, so it needs 3",
+                                    "re-extract the sequence from the official archive"))
+        first = ds.mask_path(ds.frame_ids(seq)[0])
+        try:
+            objects = ds.annotation(ds.frame_ids(seq)[0])
+        except DataError:
+            continue                                  # reported above
+        if not ((objects > 0) & (objects != 255)).any():
+            problems.append(Problem(str(first), "the first annotation of the sequence holds no object",
+                                    "the first frame's annotation defines the objects; re-extract it"))
+        sizes = set()
+        for id_ in ds.frame_ids(seq):
+            try:
+                with Image.open(ds.image_path(id_)) as im:
+                    sizes.add(im.size)
+            except OSError:
+                pass                                  # reported above
+        if len(sizes) > 1:
+            problems.append(Problem(str(folder), f"frames of one sequence have several sizes {sorted(sizes)}",
+                                    "re-extract the sequence from the official archive"))
+    return problems, done
+
+
+def _split_size(family: str, ds) -> int:
+    """What a split list counts: SPair pairs, DAVIS sequences, else images."""
+    if family == "spair":
+        return len(ds.pair_names)
+    if family == "davis":
+        return len(ds.sequences)
+    return len(ds.ids)
+
+
+_VERIFIERS = {"spair": _verify_spair, "davis": _verify_davis}
+
+
 def verify(family: str, data_root: str | os.PathLike, *, splits: tuple[str, ...] | None = None,
            progress: Progress | None = None) -> list[Problem]:
     """Every problem of ``family`` under ``data_root``: layout, split lists and counts, and each file
@@ -147,12 +204,13 @@ def verify(family: str, data_root: str | os.PathLike, *, splits: tuple[str, ...]
             continue
         if manifest:
             expected = manifest.get("counts", {}).get(split)
-            if expected is not None and expected != len(ds.ids if family != "spair" else ds.pair_names):
-                problems.append(Problem(str(root), f"split {split} lists {len(ds.ids)} ids but the manifest "
-                                                   f"says {expected}", "regenerate the suite with `densebench synth`"))
+            if expected is not None and expected != _split_size(family, ds):
+                problems.append(Problem(str(root), f"split {split} lists {_split_size(family, ds)} ids but the "
+                                                   f"manifest says {expected}",
+                                        "regenerate the suite with `densebench synth`"))
         else:
             published = PUBLISHED_COUNTS.get((family, split))
-            n = len(ds.pair_names) if family == "spair" else len(ds.ids)
+            n = _split_size(family, ds)
             if published is not None and n != published:
                 problems.append(Problem(ds.extra.get("id_source", str(root)),
                                         f"split {split} has {n} ids; the published split has {published}",
@@ -161,7 +219,7 @@ def verify(family: str, data_root: str | os.PathLike, *, splits: tuple[str, ...]
     total = sum(len(ds.ids) for ds in datasets)
     done = 0
     for ds in datasets:
-        found, done = (_verify_spair if family == "spair" else _verify_segmentation)(ds, progress, done, total)
+        found, done = _VERIFIERS.get(family, _verify_segmentation)(ds, progress, done, total)
         problems += found
     return problems
 
@@ -225,13 +283,20 @@ Steps:
 Steps:
   tar xzf SPair-71k.tar.gz
   densebench data verify spair --root SPair-71k""",
+    "davis": """Target layout (the official archive as extracted):
+  DAVIS/JPEGImages/480p/<sequence>/<frame>.jpg     (00000.jpg, 00001.jpg, ...)
+  DAVIS/Annotations/480p/<sequence>/<frame>.png    (palette PNGs: 0 background, 1..N objects, 255 void)
+  DAVIS/ImageSets/2017/{{train,val}}.txt             (60 train and 30 val sequence names)
+Steps:
+  unzip DAVIS-2017-trainval-480p.zip
+  densebench data verify davis --root DAVIS""",
 }
 
 
 def prepare_instructions(family: str) -> str:
     """The official archives (URL and checksum), the target layout and the commands that build it."""
     key = "coco" if family in ("coco", "coco-things", "coco-stuff") else get_family(family).name
-    table = checksums()["archives"]
+    table = {**checksums()["archives"], **EXTRA_ARCHIVES}
     lines = [f"# {family}: this machine cannot download datasets; fetch these archives yourself", "Archives:"]
     for name, info in table.items():
         if key not in info["families"]:

@@ -3,6 +3,11 @@
 ``VOCSegmentation/{images/<id>.jpg, SegmentationClass/<id>.png (val), SegmentationClassAug/<id>.png
 (train, trainaug), sets/<split>.txt}``. Palette PNGs are read as their indices (the VOC colour map encodes
 class ids), 21 classes, 255 = object boundary (ignored).
+
+The split is the dataset's own ``sets/<split>.txt``, as the reference loaders read it (the shipped published
+list when the dataset has none), compared with the published ids (:func:`densebench.data.ids.split_ids`). A
+folder in this layout with its own classes declares them in ``densebench_classes.json`` or ``classes.txt``
+(:func:`densebench.data.base.dataset_classes`).
 """
 
 from __future__ import annotations
@@ -11,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..paths import read_id_list
-from .base import SegmentationDataset
-from .ids import IdList, resolve_ids, shipped_path
+from .base import SegmentationDataset, dataset_classes
+from .ids import IdList, shipped_path, split_ids
 
 NUM_CLASSES = 21
 IGNORE_INDEX = 255
@@ -52,11 +57,12 @@ class VOCDataset(SegmentationDataset):
 
 
 def open_voc(root: Path, split: str, *, id_list: IdList = None) -> VOCDataset:
-    candidates = []
-    if split in SHIPPED_SPLITS:
-        candidates.append(shipped_path("voc", f"{split}.txt"))
-    candidates.append(root / "sets" / f"{split}.txt")
-    ids, source, synthetic = resolve_ids(root, "voc", split, id_list, candidates)
-    return VOCDataset(name="voc", split=split, root=root, ids=ids, num_classes=NUM_CLASSES,
-                      ignore_index=IGNORE_INDEX, class_names=class_names(), synthetic=synthetic,
-                      extra={"id_source": source})
+    published = shipped_path("voc", f"{split}.txt") if split in SHIPPED_SPLITS else None
+    ids, synthetic, extra = split_ids(root, "voc", split, id_list, own_files=[root / "sets" / f"{split}.txt"],
+                                      published=published)
+    classes = dataset_classes(root, NUM_CLASSES, class_names, IGNORE_INDEX)
+    if classes.source:
+        extra["classes_source"] = classes.source
+    return VOCDataset(name="voc", split=split, root=root, ids=ids, num_classes=classes.num_classes,
+                      ignore_index=classes.ignore_index, class_names=classes.class_names, synthetic=synthetic,
+                      extra=extra)

@@ -17,7 +17,9 @@ of the few wrappers (hf, plugin, pixels), all returning a :class:`DenseEncoder` 
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,14 @@ import torch
 
 from ..errors import ConfigError, ModelError
 from .base import DenseEncoder
-from .convert import convert_for, fingerprint_state_dict, load_strict, read_backbone
+from .convert import CHECKPOINT_READERS, convert_for, fingerprint_state_dict, load_strict, read_backbone
 from .registry import REGISTRY, RegistryEntry, unknown_model_error
-from .timm_encoder import POS_INTERP, TimmEncoder, check_arch, create_timm_vit, grid_from_pos_embed
+from .timm_encoder import (POS_INTERP, POS_INTERP_CHOICES, TimmEncoder, auto_pos_interp, check_arch, create_timm_vit,
+                           grid_from_pos_embed)
 from .weights import WeightSource, fetch
 
-__all__ = ["BUILTIN_NAMES", "NECO_FORMAT", "REGISTRY", "DenseEncoder", "list_models", "load_encoder"]
+__all__ = ["BUILTIN_NAMES", "NECO_FORMAT", "POS_INTERP", "POS_INTERP_CHOICES", "REGISTRY", "DenseEncoder",
+           "auto_pos_interp", "list_models", "load_encoder", "pos_interp_for"]
 
 #: The ``format`` field a neco_train checkpoint sidecar must carry.
 NECO_FORMAT = "densebench-neco-1"
@@ -62,7 +66,8 @@ def load_encoder(model: str, *, weights: str | Path | None = None, layer: int = 
     if not isinstance(model, str) or not model.strip():
         raise ConfigError(f"--model must be a non-empty string, got {model!r}", hint="see `densebench list models`")
     if pos_interp is not None and pos_interp not in POS_INTERP:
-        raise ConfigError(f"unknown pos-embed interpolation {pos_interp!r}; accepted: {', '.join(POS_INTERP)}")
+        raise ConfigError(f"unknown pos-embed interpolation {pos_interp!r}; accepted: {', '.join(POS_INTERP)}",
+                          hint="use one of the accepted modes, or leave it unset for the weights' own")
     model = model.strip()
     scheme, sep, rest = model.partition(":")
     common = {"layer": layer, "norm": norm}
@@ -98,6 +103,24 @@ def load_encoder(model: str, *, weights: str | Path | None = None, layer: int = 
     raise unknown_model_error(model)
 
 
+@contextlib.contextmanager
+def pos_interp_for(encoder: DenseEncoder, choice: str, protocol: str) -> Iterator[None]:
+    """While active, ``encoder`` resamples position embeddings as ``--pos-interp`` ``choice`` says for a run of
+    ``protocol`` (``auto``: the mode of the code behind that protocol's published rows). Encoders that are not
+    timm ViTs resample their own way: only ``auto`` applies to them."""
+    if isinstance(encoder, TimmEncoder):
+        with encoder.using_pos_interp(choice, protocol):
+            yield
+        return
+    if choice not in POS_INTERP_CHOICES:
+        raise ConfigError(f"unknown pos-embed interpolation {choice!r}; accepted: {', '.join(POS_INTERP_CHOICES)}",
+                          hint="leave --pos-interp at auto for the published choice")
+    if choice != "auto":
+        raise ConfigError(f"--pos-interp {choice} applies to timm ViTs; {encoder.name} ({type(encoder).__name__}) "
+                          "resamples its position embeddings its own way", hint="leave --pos-interp at auto")
+    yield
+
+
 def _no_weights(model: str, weights: str | Path | None) -> None:
     if weights:
         raise ConfigError(f"--weights does not apply to {model}",
@@ -106,10 +129,10 @@ def _no_weights(model: str, weights: str | Path | None) -> None:
 
 def _build_with_weights(arch: str, path: str | Path, *, name: str, loader: str, layer: int, norm: bool,
                         model_kwargs: dict[str, Any] | None, pos_interp: str,
-                        extra: dict[str, Any] | None = None) -> TimmEncoder:
+                        extra: dict[str, Any] | None = None, reader=read_backbone) -> TimmEncoder:
     """timm architecture + weights file -> converted, strictly loaded, fingerprinted TimmEncoder."""
     kwargs = dict(model_kwargs or {})
-    raw = read_backbone(path)          # read first: a bad file should not cost a (possibly huge) model build
+    raw = reader(path)                 # read first: a bad file should not cost a (possibly huge) model build
     net = create_timm_vit(arch, kwargs)
     loaded = convert_for(raw, net)
     pos = loaded.state_dict.get("pos_embed")
@@ -159,19 +182,32 @@ def _timm_pretrained_source(arch: str) -> WeightSource:
 def _load_timm(arch: str, *, weights: str | Path | None, model_kwargs: dict[str, Any] | None, pos_interp: str,
                layer: int, norm: bool) -> TimmEncoder:
     if not arch:
-        raise ConfigError("timm: needs an architecture name, e.g. timm:vit_small_patch14_dinov2.lvd142m")
+        raise ConfigError("timm: needs an architecture name, e.g. timm:vit_small_patch14_dinov2.lvd142m",
+                          hint="`python -c \"import timm; print(timm.list_models('vit_*'))\"` lists them")
     check_arch(arch)  # fail on a bad name before looking for weights
     path = weights or fetch(_timm_pretrained_source(arch), what=f"timm:{arch}")
     return _build_with_weights(arch, path, name=f"timm:{arch}", loader="timm", layer=layer, norm=norm,
                                model_kwargs=model_kwargs, pos_interp=pos_interp)
 
 
+def _registry_weights(entry: RegistryEntry) -> Path:
+    """The entry's weights file: found locally, else downloaded; an entry without any URL says where to get it."""
+    if entry.source.url or entry.source.hf_repo:
+        return fetch(entry.source, what=entry.name)
+    found = entry.source.find_local()
+    if found is None:
+        raise ModelError(f"weights for {entry.name} are not on this machine and have no download URL: {entry.obtain}",
+                         hint=entry.source.where_to_put())
+    return found
+
+
 def _load_registry(entry: RegistryEntry, *, weights: str | Path | None, model_kwargs: dict[str, Any] | None,
                    pos_interp: str | None, layer: int, norm: bool) -> TimmEncoder:
-    path = weights or fetch(entry.source, what=entry.name)
+    path = weights or _registry_weights(entry)
     return _build_with_weights(entry.arch, path, name=entry.name, loader="registry", layer=layer, norm=norm,
                                model_kwargs={**entry.model_kwargs, **(model_kwargs or {})},
                                pos_interp=pos_interp or entry.pos_interp,
+                               reader=CHECKPOINT_READERS[entry.checkpoint_format],
                                extra={"method": entry.method, "weights_source": entry.published_url or entry.source.url,
                                       "timm_name": entry.timm_name})
 
@@ -190,6 +226,10 @@ def _load_neco(spec: str, *, name: str, pos_interp: str | None, layer: int, norm
     features at non-native sizes match what the student saw during training.
     """
     weights_path, sidecar = _neco_paths(spec)
+    if Path(spec).expanduser().is_dir():
+        names = sorted(p.stem for p in Path(spec).expanduser().glob("*.safetensors")) or ["last"]
+        raise ModelError(f"neco:{spec} is a folder, not a checkpoint (a checkpoint is <name>.safetensors plus "
+                         "<name>.json)", hint=f"name one inside it, e.g. neco:{Path(spec) / names[-1]}")
     for p in (weights_path, sidecar):
         if not p.is_file():
             raise ModelError(f"NeCo checkpoint file {p} does not exist",
@@ -197,7 +237,8 @@ def _load_neco(spec: str, *, name: str, pos_interp: str | None, layer: int, norm
     try:
         meta = json.loads(sidecar.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"NeCo sidecar {sidecar} is not valid JSON ({e})") from e
+        raise ModelError(f"NeCo sidecar {sidecar} is not valid JSON ({e})",
+                         hint="restore it from the run folder, or load the weights with timm:<arch> --weights") from e
     if not isinstance(meta, dict) or meta.get("format") != NECO_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ModelError(f"NeCo sidecar {sidecar} has format {found!r}; expected {NECO_FORMAT!r}",
@@ -205,7 +246,8 @@ def _load_neco(spec: str, *, name: str, pos_interp: str | None, layer: int, norm
     arch, kwargs = meta.get("arch"), meta.get("model_kwargs", {})
     pos_interp = pos_interp or meta.get("pos_interp") or "timm"
     if not isinstance(arch, str) or not isinstance(kwargs, dict):
-        raise ModelError(f"NeCo sidecar {sidecar} needs a string 'arch' and an object 'model_kwargs'")
+        raise ModelError(f"NeCo sidecar {sidecar} needs a string 'arch' and an object 'model_kwargs'",
+                         hint="restore it from the run folder, or load the weights with timm:<arch> --weights")
     from .convert import read_checkpoint
     sd = read_checkpoint(weights_path)
     net = create_timm_vit(arch, kwargs)

@@ -57,9 +57,12 @@ class LoadedWeights:
     dropped: list[str] = field(default_factory=list)   # keys dropped on purpose (heads, mask_token)
 
     def provenance(self) -> dict[str, Any]:
-        return {"weights_path": str(self.path), "weights_container": self.container or None,
-                "weights_prefix": self.prefix or None, "weights_format": self.source_format,
-                "weights_dropped_keys": len(self.dropped)}
+        out = {"weights_path": str(self.path), "weights_container": self.container or None,
+               "weights_prefix": self.prefix or None, "weights_format": self.source_format,
+               "weights_dropped_keys": len(self.dropped)}
+        if self.dropped:   # which modules, so a reader sees that it was a head that was left out
+            out["weights_dropped_modules"] = sorted({k.split(".")[0] for k in self.dropped})
+        return out
 
 
 def read_checkpoint(path: str | Path) -> Any:
@@ -69,6 +72,9 @@ def read_checkpoint(path: str | Path) -> Any:
     their training ``args`` in one; it is a plain attribute bag and executes no code.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ModelError(f"weights path {path} is a folder, not a weights file",
+                         hint="pass the .safetensors/.pth/.ckpt file inside it with --weights")
     if not path.is_file():
         raise ModelError(f"weights file {path} does not exist", hint="check the --weights path")
     suffix = path.suffix.lower()
@@ -83,16 +89,36 @@ def read_checkpoint(path: str | Path) -> Any:
     if suffix not in TORCH_SUFFIXES:
         raise ModelError(f"weights file {path} has an unsupported suffix {suffix!r}",
                          hint=f"use one of .safetensors, {', '.join(TORCH_SUFFIXES)}")
+    not_torch = _not_a_torch_file(path)
+    if not_torch:
+        raise ModelError(f"weights file {path} is not a PyTorch checkpoint, so torch.load(weights_only=True) "
+                         f"cannot read it: {not_torch}",
+                         hint="pass the .pth/.ckpt file torch.save wrote (or a .safetensors file)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        text = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
         raise ModelError(
             f"weights file {path} cannot be read with torch.load(weights_only=True): {text}",
             hint="if it stores Python objects besides tensors (e.g. a Lightning checkpoint's hyper-parameters), "
                  "extract its state dict once, in a Python session you trust (unpickling runs code), and save "
                  "that dict alone with torch.save (or safetensors)") from e
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a ``torch.save`` file (a zip archive, or a pickle for the legacy format), or None."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "it is empty"
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it starts with the bytes {head[:8]!r}, neither a zip archive nor a pickle"
+    return f"it is a text file (starting {text.splitlines()[0][:40]!r})"
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -186,10 +212,49 @@ def read_backbone(path: str | Path) -> LoadedWeights:
     return LoadedWeights(sd, path, container, prefix)
 
 
+#: Top-level modules of SelfPatch's ``MultiCropWrapper`` besides the backbone (main_selfpatch.py): the
+#: aggregation module (``SelfPatchHead``, class-attention blocks) and the DINO and SelfPatch projection heads.
+SELFPATCH_HEADS = ("ca_head.", "c_head.", "p_head.")
+
+
+def _strip(key: str, prefix: str) -> str:
+    return key[len(prefix):] if key.startswith(prefix) else key
+
+
+def read_selfpatch(path: str | Path) -> LoadedWeights:
+    """A SelfPatch checkpoint: the ``teacher`` of a full training checkpoint (as SelfPatch's and DINO's evaluation
+    scripts load it; a teacher or backbone state dict on its own works too), ``module.`` then ``backbone.``
+    stripped, the aggregation module and both heads dropped and listed. Every other key must be the backbone's:
+    the strict load reports anything else."""
+    path = Path(path).expanduser()
+    obj = read_checkpoint(path)
+    container = ""
+    if isinstance(obj, Mapping) and not _is_state_dict(obj):
+        if isinstance(obj.get("teacher"), Mapping):
+            obj, container = obj["teacher"], "teacher"
+        elif isinstance(obj.get("student"), Mapping):
+            raise ModelError(f"SelfPatch checkpoint {path} has a 'student' but no 'teacher' state dict",
+                             hint="evaluation uses the teacher; pass the full checkpoint.pth that main_selfpatch.py "
+                                  "writes")
+    sd, inner = unwrap_container(obj, path)
+    container = "/".join(c for c in (container, inner) if c)
+    keys = {k: _strip(_strip(k, "module."), "backbone.") for k in sd}
+    prefix = next((k[: -len(ANCHOR)] for k in sd if k.endswith(ANCHOR)), "")
+    dropped = sorted(k for k, new in keys.items() if new.startswith(SELFPATCH_HEADS))
+    kept = {new: sd[k] for k, new in keys.items() if not new.startswith(SELFPATCH_HEADS)}
+    return LoadedWeights(kept, path, container, prefix, "selfpatch", dropped)
+
+
+#: How a registry entry's weights file is read (``RegistryEntry.checkpoint_format``).
+CHECKPOINT_READERS = {"auto": read_backbone, "selfpatch": read_selfpatch}
+
+
 def convert_for(loaded: LoadedWeights, model: nn.Module) -> LoadedWeights:
-    """``loaded`` with its keys converted to ``model``'s timm names (see :func:`to_timm_keys`)."""
+    """``loaded`` with its keys converted to ``model``'s timm names (see :func:`to_timm_keys`); a format and
+    dropped keys the reader already determined are kept."""
     sd, fmt, dropped = to_timm_keys(loaded.state_dict, model)
-    return LoadedWeights(sd, loaded.path, loaded.container, loaded.prefix, fmt, dropped)
+    fmt = loaded.source_format if loaded.source_format != "timm" else fmt
+    return LoadedWeights(sd, loaded.path, loaded.container, loaded.prefix, fmt, loaded.dropped + dropped)
 
 
 def load_weights_file(path: str | Path, model: nn.Module) -> LoadedWeights:

@@ -11,7 +11,9 @@ copy when one exists). Sources were checked against the authors' READMEs:
 * Leopart: MkuuWaUjinga/leopart README (Dropbox "full ckpt" links; the projection head is dropped on load).
 * TimeT: SMSD75/Timetuning README (Dropbox link, ViT-S/16).
 * CrIBo: tileb1/CrIBo README (KU Leuven RDR data files; full DINO-style checkpoints, the teacher is used).
-* SelfPatch is left out: its README (alinlab/SelfPatch) publishes no checkpoint URL we could confirm.
+* SelfPatch: alinlab/SelfPatch README ("Pretrained weights on ImageNet": a Google Drive link, no direct URL),
+  so the file is local only (``--weights`` or the torch hub checkpoint folder). Its ViT has no class token
+  and no final norm; the teacher backbone of the DINO-style checkpoint is used (``convert.read_selfpatch``).
 
 ``pos_interp`` is the position-embedding resampling of the code each method was trained and evaluated with
 (Meta's offset-bicubic for DINO v1 code and DINOv2 without registers, timm/antialiased for DINOv2 ``_reg``).
@@ -41,6 +43,8 @@ class RegistryEntry:
     pos_interp: str = "meta-offset"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
+    checkpoint_format: str = "auto"    # how a weights file is read: convert.CHECKPOINT_READERS
+    obtain: str = ""                   # where the file comes from when there is no download URL
 
     def as_row(self) -> dict[str, Any]:
         """The row ``densebench list models`` prints."""
@@ -134,6 +138,19 @@ for _name, _arch, _file, _id, _note in [
     _add(RegistryEntry(_name, "CrIBo", _arch, 16, 224,
                        WeightSource(f"cribo_{_file}", f"https://rdr.kuleuven.be/api/access/datafile/{_id}"),
                        page=_CRIBO, notes=f"{_note}; full checkpoint, teacher backbone used"))
+
+
+# --- SelfPatch (DINO + SelfPatch, ViT-S/16; no download URL: a local file only) --------------------------
+_SELFPATCH = "https://github.com/alinlab/SelfPatch"
+_add(RegistryEntry(
+    "selfpatch_vits16", "SelfPatch", "vit_small_patch16_224", 16, 224, WeightSource("selfpatch_vits16.pth"),
+    page=_SELFPATCH, published_url=f"{_SELFPATCH}#pretrained-weights-on-imagenet",
+    model_kwargs={"class_token": False, "global_pool": "avg", "final_norm": False}, checkpoint_format="selfpatch",
+    obtain="the authors publish it only as a Google Drive link: download the 'DINO + SelfPatch ViT-S/16' "
+           f"checkpoint from the 'Pretrained weights on ImageNet' table of the README at {_SELFPATCH} (or use "
+           "a checkpoint.pth written by their main_selfpatch.py)",
+    notes="DINO + SelfPatch; no class token, no final norm; teacher backbone used, the SelfPatch aggregation "
+          "module and both heads dropped"))
 
 
 def unknown_model_error(name: str) -> ModelError:

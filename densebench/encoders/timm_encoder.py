@@ -5,12 +5,16 @@ Features come from ``forward_intermediates``, which splits off the prefix tokens
 apply the final norm to any block, so "last block after the final norm" and "block k without the norm" are
 the same code path. Models are built with ``dynamic_img_size=True`` so any multiple of the patch size works;
 the position embeddings are resampled on every forward, either timm's way or Meta's (see ``POS_INTERP``).
+The mode belongs to the encoder, not to the wrapped module: Meta's resampling is installed on the module for
+the duration of each forward only, so two encoders wrapping one module keep their own modes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -25,6 +29,27 @@ from .base import DenseEncoder, resolve_layer
 #: ``(n + 0.1) / N`` without antialias, as DINO v1, the DINOv2 hub non-register models and NeCo's training
 #: code do; it changes the numbers slightly at non-native sizes, so published DINO-family numbers use it.
 POS_INTERP = ("timm", "meta-offset")
+#: What ``--pos-interp`` accepts: a mode, or ``auto`` = per benchmark, the mode of the code behind its published
+#: rows (:func:`auto_pos_interp`).
+POS_INTERP_CHOICES = ("auto", *POS_INTERP)
+#: Protocols whose published rows come from code that resamples Meta's way whatever the weights: Leopart's and
+#: NeCo's ViTs (NeCo's ``vit_v2`` also for DINOv2 with registers, spec neco.md §4). The other protocols' reference
+#: code (open-hummingbird-eval, probe3d, DINO's video script) runs the hub models, i.e. each model's own mode.
+META_OFFSET_PROTOCOLS = ("linear", "overcluster")
+
+
+def auto_pos_interp(protocol: str, model_default: str) -> str:
+    """The resampling the code behind ``protocol``'s published rows used for a model whose own (hub/registry)
+    mode is ``model_default``."""
+    return "meta-offset" if protocol in META_OFFSET_PROTOCOLS else model_default
+
+
+def resolve_pos_interp(choice: str, protocol: str, model_default: str) -> str:
+    """``choice`` (``auto`` or a mode) -> the mode a run of ``protocol`` uses."""
+    if choice not in POS_INTERP_CHOICES:
+        raise ConfigError(f"unknown pos-embed interpolation {choice!r}; accepted: {', '.join(POS_INTERP_CHOICES)}",
+                          hint="leave --pos-interp at auto for the published choice")
+    return auto_pos_interp(protocol, model_default) if choice == "auto" else choice
 
 
 def is_timm_vit(model: Any) -> bool:
@@ -90,6 +115,26 @@ def grid_from_pos_embed(model: nn.Module, pos_embed: torch.Tensor) -> int | None
     return side if side * side == n and side > 0 else None
 
 
+@contextlib.contextmanager
+def pos_embed_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """While active, ``model`` resamples position embeddings as ``mode`` says: timm's own ``_pos_embed`` (the
+    class method) for ``timm``; Meta's installed on the instance for ``meta-offset``, and whatever the
+    instance had restored afterwards."""
+    if mode != "meta-offset":
+        yield
+        return
+    had = "_pos_embed" in model.__dict__
+    previous = model.__dict__.get("_pos_embed")
+    model.__dict__["_pos_embed"] = types.MethodType(_meta_offset_pos_embed, model)
+    try:
+        yield
+    finally:
+        if had:
+            model.__dict__["_pos_embed"] = previous
+        else:
+            del model.__dict__["_pos_embed"]
+
+
 def _meta_offset_pos_embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm's ``_pos_embed`` with Meta's resampling (bicubic, scale factor with a 0.1 offset, no antialias)."""
     B, H, W, C = x.shape
@@ -142,22 +187,44 @@ class TimmEncoder(DenseEncoder):
         self.native_size = int(img[0]) if isinstance(img, (tuple, list)) and img[0] == img[1] else None
         self.loader = loader
         self.arch = arch or type(model).__name__
-        self.pos_interp = pos_interp
-        if pos_interp == "meta-offset":
-            if getattr(model, "pos_embed", None) is None:
-                raise ModelError(f"{name} has no absolute position embedding to resample the Meta way")
-            model._pos_embed = types.MethodType(_meta_offset_pos_embed, model)
+        self.pos_interp = self.pos_interp_default = pos_interp
+        self.pos_interp_choice: str | None = None   # what --pos-interp asked for, while a benchmark runs
+        self._check_pos_interp(pos_interp)
         self.weights_info = dict(weights or {})
         self.extra = dict(extra or {})
         self.check_layer(layer)
 
+    def _check_pos_interp(self, mode: str) -> None:
+        if mode not in POS_INTERP:
+            raise ConfigError(f"unknown pos-embed interpolation {mode!r}; accepted: {', '.join(POS_INTERP)}")
+        if mode == "meta-offset" and getattr(self.model, "pos_embed", None) is None:
+            raise ModelError(f"{self.name} has no absolute position embedding to resample the Meta way",
+                             hint="use --pos-interp timm (or auto) for this model")
+
+    @contextlib.contextmanager
+    def using_pos_interp(self, choice: str, protocol: str) -> Iterator[str]:
+        """While active the encoder resamples as ``choice`` (``auto`` or a mode) resolves for ``protocol``; the
+        mode enters :meth:`feature_key` (cache keys) and :meth:`describe` (results). Yields the mode."""
+        mode = resolve_pos_interp(choice, protocol, self.pos_interp_default)
+        self._check_pos_interp(mode)
+        saved = self.pos_interp, self.pos_interp_choice
+        self.pos_interp, self.pos_interp_choice = mode, choice
+        try:
+            yield mode
+        finally:
+            self.pos_interp, self.pos_interp_choice = saved
+
     def check_layer(self, layer: int) -> int:
         return resolve_layer(layer, self.depth, self.name)
 
+    def feature_key(self, layer: int | None = None, norm: bool | None = None) -> dict[str, Any]:
+        return {**super().feature_key(layer, norm), "pos_interp": self.pos_interp}
+
     def _features(self, images: torch.Tensor, layer: int, norm: bool) -> torch.Tensor:
         idx = self.check_layer(layer)
-        (tokens,) = self.model.forward_intermediates(images, indices=[idx], norm=norm, stop_early=True,
-                                                     output_fmt="NLC", intermediates_only=True)
+        with pos_embed_mode(self.model, self.pos_interp):
+            (tokens,) = self.model.forward_intermediates(images, indices=[idx], norm=norm, stop_early=True,
+                                                         output_fmt="NLC", intermediates_only=True)
         b, _, h, w = images.shape
         return tokens.reshape(b, h // self.patch_size, w // self.patch_size, tokens.shape[-1])
 
@@ -166,5 +233,7 @@ class TimmEncoder(DenseEncoder):
         d.update({"loader": self.loader, "arch": self.arch, "depth": self.depth,
                   "num_prefix_tokens": int(self.model.num_prefix_tokens),
                   "num_register_tokens": int(getattr(self.model, "num_reg_tokens", 0)),
-                  "pos_interp": self.pos_interp, **self.weights_info, **self.extra})
+                  "pos_interp": self.pos_interp, "pos_interp_default": self.pos_interp_default,
+                  **({"pos_interp_choice": self.pos_interp_choice} if self.pos_interp_choice else {}),
+                  **self.weights_info, **self.extra})
         return d

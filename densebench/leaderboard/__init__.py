@@ -10,6 +10,10 @@ is worth only as much as the record of how it was made):
 * ``published``: reference numbers copied verbatim from a paper or README, each with its citation
   and the protocol variant as the source reports it. Sources that disagree stay separate entries.
 
+Every entry names the protocol version whose code produced it (``protocol``: hbird-1.1, hbird-2.0,
+neco-leopart, ...). "Standard" means the canonical config of that version, views give a benchmark one
+column per version and comparisons pair entries of one version, so like is compared with like.
+
 Writes happen under a file lock and through an atomic rename, so concurrent submissions both land
 and a failed write (full disk) leaves the previous file byte-identical.
 
@@ -21,8 +25,8 @@ HTML page with ``board.css`` / ``board.js``), ``compare`` (two models side by si
 
 from .compare import compare_models, model_entries, render_comparison
 from .entries import (architecture_label, benchmark_protocol, canonical_config, check_config,
-                      config_differences, entry_from_result, headline_metrics, published_entry_id,
-                      semantic_config)
+                      config_differences, dataset_reasons, entry_from_result, entry_version, headline_metrics,
+                      published_entry_id, semantic_config)
 from .page import esc, html_page, html_select
 from .render import FORMATS, render, render_csv, render_html, render_markdown, render_table
 from .store import (LEADERBOARD_SCHEMA_VERSION, SOURCES, default_leaderboard, load_leaderboard,
@@ -35,7 +39,8 @@ __all__ = [
     "FORMATS", "LEADERBOARD_SCHEMA_VERSION", "NONSTANDARD_MARK", "SOURCES",
     "BoardView", "Column", "Row", "Submission",
     "architecture_label", "benchmark_protocol", "benchmark_sort_key", "build_view", "canonical_config",
-    "check_config", "compare_models", "config_differences", "default_leaderboard", "entry_from_result",
+    "check_config", "compare_models", "config_differences", "dataset_reasons", "default_leaderboard",
+    "entry_from_result", "entry_version",
     "esc", "headline_metrics", "html_page", "html_select", "load_leaderboard", "model_entries",
     "new_leaderboard", "published_entry_id", "render", "render_comparison", "render_csv", "render_html",
     "render_markdown", "render_table", "semantic_config", "short_fingerprint", "submit",

@@ -1,5 +1,6 @@
-"""From a result record to a leaderboard entry: the benchmark's metadata, the canonical-config check,
-labels and stable entry ids."""
+"""From a result record to a leaderboard entry: the benchmark's metadata, the protocol version, the
+canonical-config check (against the canonical config of the result's own protocol version, the encoder's
+position-embedding resampling and where the data came from included), labels and stable entry ids."""
 
 from __future__ import annotations
 
@@ -27,14 +28,39 @@ def headline_metrics(benchmark: str) -> tuple[str, ...] | None:
     return spec.headline_metrics if spec else None
 
 
-def canonical_config(benchmark: str, model: dict | None = None) -> tuple[dict, frozenset[str]]:
-    """The benchmark's canonical config as JSON (its published defaults, automatic fields resolved for
-    ``model``) and the fields that do not change the numbers."""
+def canonical_config(benchmark: str, model: dict | None = None,
+                     version: str | None = None) -> tuple[dict, frozenset[str]]:
+    """The benchmark's canonical config as JSON (the published defaults of protocol ``version``, by default the
+    default version, automatic fields resolved for ``model``) and the fields that do not change the numbers."""
     spec = benchmark_table.find_benchmark(benchmark)
     if spec is None:
         raise ResultError(f"benchmark {benchmark!r} is not known to this densebench, so its canonical config "
                           "cannot be checked", hint="use the densebench version that ran it")
-    return spec.canonical_config(model), spec.non_semantic_fields
+    return spec.canonical_config(model, version), spec.non_semantic_fields
+
+
+def entry_version(entry: dict) -> str | None:
+    """The protocol version of a leaderboard entry (its ``protocol`` field; an older measured entry without one
+    has its benchmark's default version)."""
+    if entry.get("protocol"):
+        return entry["protocol"]
+    spec = benchmark_table.find_benchmark(entry["benchmark"])
+    return spec.version_of(entry.get("config")) if spec else None
+
+
+def dataset_reasons(dataset: dict) -> list[str]:
+    """Why the data a result measured is not the published data (the result's dataset provenance)."""
+    reasons = []
+    if dataset.get("published_ids") is False:
+        parts = [f"{split}: {ids.get('missing', 0)} of {ids.get('count', '?')} published ids missing, "
+                 f"{ids.get('extra', 0)} extra"
+                 for split, ids in (dataset.get("ids") or {}).items() if ids.get("published") is False]
+        reasons.append("the dataset's own split differs from the published ids"
+                       + (f" ({'; '.join(parts)})" if parts else ""))
+    classes = dataset.get("classes")
+    if isinstance(classes, dict):
+        reasons.append(f"the dataset's own classes ({classes.get('num_classes')}, from {classes.get('source')})")
+    return reasons
 
 
 def semantic_config(config: dict, canonical: dict, ignored: Iterable[str]) -> dict:
@@ -47,14 +73,24 @@ def semantic_config(config: dict, canonical: dict, ignored: Iterable[str]) -> di
 def check_config(result) -> tuple[dict, dict, list[str]]:
     """``(semantic config, canonical semantic config, reasons it is non-standard)`` of a result.
 
-    The result's config is put in the benchmark's canonical form first (e.g. any exact k-NN backend
-    reads ``exact``), so like is compared with like. Synthetic data is always non-standard.
+    The canonical config is that of the result's own protocol version (a ``hbird-1.1`` result is standard when
+    it is the published ``hbird-1.1`` recipe), plus the encoder settings that change the numbers (a timm ViT's
+    ``pos_interp``, canonically the one the code behind the published rows used). The result's config is put in
+    the benchmark's canonical form first (e.g. any exact k-NN backend reads ``exact``), so like is compared with
+    like. Synthetic data, a split that differs from the published ids and a dataset's own classes are always
+    non-standard.
     """
-    canonical, ignored = canonical_config(result["benchmark"], result["model"])
+    version = entry_version({"benchmark": result["benchmark"], "config": result["config"]})
+    canonical, ignored = canonical_config(result["benchmark"], result["model"], version)
     spec = benchmark_table.get_benchmark(result["benchmark"])
     config = spec.resolve_canonical(dict(result["config"]), dict(result["model"]))
+    recorded, expected = spec.encoder_choices(result["model"])
+    config.update(recorded)
+    canonical.update(expected)
     reasons = config_differences(config, canonical, ignored)
-    if result["provenance"]["dataset"].get("synthetic"):
+    dataset = result["provenance"]["dataset"]
+    reasons += dataset_reasons(dataset)
+    if dataset.get("synthetic"):
         reasons.insert(0, "measured on synthetic data")
     return (semantic_config(config, canonical, ignored), semantic_config(canonical, canonical, ignored),
             reasons)
@@ -109,6 +145,7 @@ def entry_from_result(result: dict) -> dict:
     source_url = next((model[k] for k in ("source_url", "url", "weights_url")
                        if isinstance(model.get(k), str)), None)
     n_params = model.get("n_parameters")
+    version = entry_version({"benchmark": benchmark, "config": result["config"]})
     return {
         "id": _entry_id("m", model["fingerprint"], benchmark, chash),
         "source": "measured",
@@ -117,6 +154,7 @@ def entry_from_result(result: dict) -> dict:
                   "n_parameters": n_params if isinstance(n_params, int) else None,
                   "fingerprint": model["fingerprint"], "source_url": source_url},
         "benchmark": benchmark,
+        **({"protocol": version} if version else {}),
         "config_hash": chash,
         "canonical_config_hash": config_hash(canonical_semantic),
         "standard": not reasons,

@@ -20,10 +20,12 @@ FORMATS = ("table", "markdown", "csv", "html")
 
 def render_table(doc: dict, *, benchmarks: Sequence[str] | None = None, source: str | None = None):
     """A rich Table: best per column in bold green, published rows in italic cyan, non-standard marked †."""
+    from rich.markup import escape
     from rich.table import Table
 
     view = build_view(doc, benchmarks=benchmarks, source=source)
-    table = Table(title=f"{view.title}: {len(view.rows)} rows", caption=(
+    # Names, notes and citations come from the file: printed as written, never as rich markup.
+    table = Table(title=escape(f"{view.title}: {len(view.rows)} rows"), caption=escape(
         f"bold green = best in column · {NONSTANDARD_MARK} non-standard protocol (see note) · "
         + " · ".join(f"[{i + 1}] {c['short']}" for i, c in enumerate(view.citations))))
     table.add_column("model", no_wrap=True)
@@ -32,6 +34,7 @@ def render_table(doc: dict, *, benchmarks: Sequence[str] | None = None, source: 
     for c in view.columns:
         spec = benchmark_table.find_benchmark(c.benchmark)
         head = f"{spec.dataset.name}\n{spec.protocol_name}" if spec else c.benchmark
+        head += f"\n{c.version}" if c.split else ""
         table.add_column(f"{head}\n{c.metric}", justify="right")
     table.add_column("note", overflow="fold", max_width=48)
     for row in view.rows:
@@ -40,7 +43,8 @@ def render_table(doc: dict, *, benchmarks: Sequence[str] | None = None, source: 
             text = cell_text(view, row, c)
             cells.append(f"[bold green]{text}[/]" if is_best(view, row, c) else text)
         style = "italic cyan" if row.source == "published" else None
-        table.add_row(row.model, row.architecture, source_text(view, row), *cells, row.note, style=style)
+        table.add_row(escape(row.model), escape(row.architecture), escape(source_text(view, row)), *cells,
+                      escape(row.note), style=style)
     return table
 
 
@@ -63,6 +67,13 @@ def render_markdown(leaderboard: dict, *, benchmarks: Sequence[str] | None = Non
     lines.append("")
     lines.append(f"mIoU / PCK in %. **Bold**: best in column. {NONSTANDARD_MARK}: non-standard protocol "
                  "variant (see Note). Measured rows name their weights fingerprint.")
+    versions = [f"{md_escape(b)} {md_escape(v)}"
+                for b, v in dict.fromkeys((c.benchmark, c.version) for c in view.columns if c.version and not c.split)]
+    if any(c.split for c in view.columns) or versions:
+        lines.append("")
+        lines.append("Protocol versions (numbers are compared only within one version; a benchmark measured with "
+                     "several has one column per version, named in brackets)" + (": " + ", ".join(versions)
+                                                                                  if versions else "") + ".")
     lines.append("")
     for i, c in enumerate(view.citations):
         link = f" <{c['url']}>" if c.get("url") else ""
@@ -117,7 +128,7 @@ def render_html(leaderboard: dict, *, benchmarks: Sequence[str] | None = None,
                 cells.append(f'<td class="num" data-bench="{esc(c.benchmark)}"></td>')
                 continue
             v = metric_value(entry, c.metric)
-            detail = [f"{entry['benchmark']} {c.metric}",
+            detail = [f"{entry['benchmark']} {c.metric}", *([f"protocol {c.version}"] if c.version else []),
                       entry.get("variant") or f"config {entry['config_hash']}"]
             if entry.get("date"):
                 detail.append(str(entry["date"]))

@@ -26,7 +26,7 @@ def new_leaderboard(name: str, description: str = "") -> dict:
 def validate_leaderboard(doc: Any, *, source: str = "leaderboard") -> None:
     """Schema check plus the rules a schema cannot say (unique ids); raises ResultError naming the problem."""
     if not isinstance(doc, dict):
-        raise ResultError(f"{source} is not a JSON object")
+        raise ResultError(f"{source} is not a JSON object", hint=_RESTORE_HINT)
     version = doc.get("schema_version")
     if version != LEADERBOARD_SCHEMA_VERSION:
         raise ResultError(f"{source} has schema_version {version!r}; this densebench reads leaderboard "
@@ -55,8 +55,15 @@ def load_leaderboard(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise ResultError(f"leaderboard {path} does not exist",
                           hint="give an existing file, or submit a result to create it") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ResultError(f"leaderboard {path} cannot be read ({e})") from None
+    except IsADirectoryError:
+        raise ResultError(f"leaderboard {path} is a folder, not a file",
+                          hint="pass the leaderboard .json file, e.g. leaderboards/dense-ssl.json") from None
+    except UnicodeDecodeError:
+        raise ResultError(f"leaderboard {path} is not a text file (not UTF-8 JSON)",
+                          hint="pass a leaderboard .json file, e.g. leaderboards/dense-ssl.json") from None
+    except OSError as e:
+        raise ResultError(f"leaderboard {path} cannot be read ({e.strerror or e})",
+                          hint="check the file's permissions") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:

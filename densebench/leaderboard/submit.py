@@ -10,7 +10,7 @@ from pathlib import Path
 import filelock
 
 from ..errors import ResultError
-from ..results import read_result
+from ..results import check_writable_folder, read_result, real_path
 from .entries import entry_from_result
 from .store import load_leaderboard, new_leaderboard, write_leaderboard
 
@@ -53,17 +53,26 @@ def submit(results: Sequence[str | os.PathLike], leaderboard: str | os.PathLike,
     Each result must pass its schema and integrity check; a config other than the benchmark's canonical
     one (or synthetic data) needs ``allow_nonstandard``; a result already on the board (same weights
     fingerprint, benchmark and semantic config) needs ``replace``. The read-modify-write runs under
-    ``<leaderboard>.lock``; a missing leaderboard file is created.
+    ``<leaderboard>.lock``; a missing leaderboard file is created. A symlinked leaderboard is written (and
+    locked) at its target. The ``.lock`` file stays after the submit, empty: deleting it while another
+    submit waits on it would let two writers in, so it is left for good (docs/results.md).
     """
     if not results:
         raise ResultError("no result files given", hint="densebench submit RESULT.json... --leaderboard FILE")
     prepared = _prepare(results, allow_nonstandard)
 
     path = Path(leaderboard)
-    lock = filelock.FileLock(str(path) + ".lock", timeout=lock_timeout)
+    target = real_path(path)  # a symlinked board: the shared file is rewritten and locked, the link stays
+    if target.is_dir():
+        raise ResultError(f"leaderboard {path} is a folder, not a file",
+                          hint="pass the leaderboard .json file to add to (it is created if missing)")
+    check_writable_folder(target.parent, what="leaderboard folder",
+                          hint="submit to a leaderboard in a folder you can write (the submit rewrites the file "
+                               "and keeps a <leaderboard>.lock file beside it)")
+    lock = filelock.FileLock(str(target) + ".lock", timeout=lock_timeout)
     try:
         with lock:
-            doc = load_leaderboard(path) if path.exists() else new_leaderboard(path.stem)
+            doc = load_leaderboard(target) if target.exists() else new_leaderboard(path.stem)
             entries = doc["entries"]
             where = {e["id"]: i for i, e in enumerate(entries)}
             done = []
@@ -81,9 +90,9 @@ def submit(results: Sequence[str | os.PathLike], leaderboard: str | os.PathLike,
                     where[entry["id"]] = len(entries)
                     entries.append(entry)
                     done.append(Submission(p, entry, "added"))
-            write_leaderboard(doc, path)
+            write_leaderboard(doc, target)
     except filelock.Timeout:
-        raise ResultError(f"could not lock {path}.lock within {lock_timeout:.0f} s",
+        raise ResultError(f"could not lock {target}.lock within {lock_timeout:.0f} s",
                           hint="another submit holds the lock; retry (delete the .lock file only if no "
                                "densebench process is running)") from None
     return done

@@ -1,4 +1,8 @@
-"""The models x benchmarks view every renderer draws, with its sort keys and cell formatting."""
+"""The models x benchmarks view every renderer draws, with its sort keys and cell formatting.
+
+Like is compared with like: a benchmark whose entries come from several protocol versions (e.g. hbird-1.1 and
+hbird-2.0 in-context numbers) gets one column per version, labelled with it, so the best of a column is the
+best among numbers produced by the same protocol code."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from dataclasses import dataclass, field
 
 from .. import benchmark_table
 from ..errors import ConfigError, choices_message
-from .entries import headline_metrics
+from .entries import entry_version, headline_metrics
 from .store import SOURCES
 
 NONSTANDARD_MARK = "†"
@@ -19,6 +23,8 @@ class Column:
     benchmark: str
     metric: str
     label: str
+    version: str | None = None        # the protocol version of every entry in this column
+    split: bool = False               # the benchmark has one column per version (the label names it)
 
 
 @dataclass
@@ -86,15 +92,30 @@ def _select(entries: list[dict], benchmarks: Sequence[str] | None, source: str |
     return entries
 
 
+def _versions(entries: list[dict], bench: str) -> list[str | None]:
+    """The protocol versions of ``bench``'s entries: the benchmark's default version first, then in order of
+    first appearance."""
+    spec = benchmark_table.find_benchmark(bench)
+    default = spec.version_of() if spec else None
+    found = list(dict.fromkeys(entry_version(e) for e in entries if e["benchmark"] == bench))
+    return sorted(found, key=lambda v: v != default)
+
+
 def _columns(entries: list[dict]) -> list[Column]:
-    """Headline metrics that at least one entry reports (every scalar for unknown families)."""
+    """Headline metrics that at least one entry reports (every scalar for unknown families), one column per
+    protocol version where a benchmark's entries come from several."""
     columns: list[Column] = []
     for bench in sorted({e["benchmark"] for e in entries}, key=benchmark_sort_key):
-        reported = {m for e in entries if e["benchmark"] == bench for m in e["metrics"]}
-        wanted = headline_metrics(bench) or tuple(sorted(reported))
-        metrics = [m for m in wanted if m in reported]
-        for m in metrics:
-            columns.append(Column(bench, m, bench if len(metrics) == 1 else f"{bench} {m}"))
+        versions = _versions(entries, bench)
+        for version in versions:
+            mine = [e for e in entries if e["benchmark"] == bench and entry_version(e) == version]
+            reported = {m for e in mine for m in e["metrics"]}
+            wanted = headline_metrics(bench) or tuple(sorted(reported))
+            metrics = [m for m in wanted if m in reported]
+            name = f"{bench} ({version})" if len(versions) > 1 and version else bench
+            for m in metrics:
+                columns.append(Column(bench, m, name if len(metrics) == 1 else f"{name} {m}", version,
+                                      split=len(versions) > 1 and version is not None))
     return columns
 
 
@@ -116,9 +137,9 @@ def build_view(doc: dict, *, benchmarks: Sequence[str] | None = None, source: st
     (benchmark, headline metric). Every selected entry lands in exactly one row; best = column max."""
     entries = _select(list(doc["entries"]), benchmarks, source)
     columns = _columns(entries)
-    by_bench: dict[str, list[Column]] = {}
+    by_bench: dict[tuple, list[Column]] = {}
     for c in columns:
-        by_bench.setdefault(c.benchmark, []).append(c)
+        by_bench.setdefault((c.benchmark, c.version), []).append(c)
 
     # Rows: measured first, then published in file order; an entry whose cells are taken starts a new row.
     ordered = ([e for e in entries if e["source"] == "measured"]
@@ -127,7 +148,8 @@ def build_view(doc: dict, *, benchmarks: Sequence[str] | None = None, source: st
     open_rows: dict[tuple, list[Row]] = {}
     citations: list[dict] = []
     for e in ordered:
-        cols = [c for c in by_bench.get(e["benchmark"], []) if metric_value(e, c.metric) is not None]
+        cols = [c for c in by_bench.get((e["benchmark"], entry_version(e)), [])
+                if metric_value(e, c.metric) is not None]
         if not cols:
             continue
         key = _row_key(e)

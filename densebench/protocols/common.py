@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..features import ExtractionStats, FeatureCache, Reducer, View, extract
+from ..features import ExtractionStats, FeatureCache, Reducer, View, default_workers, extract
 from ..results import Result, make_result
 
 
@@ -43,12 +43,9 @@ class RunContext:
     def extract(self, dataset, view: View, *, desc: str, reducer: Reducer | None = None,
                 norm: bool | None = None) -> dict[str, np.ndarray]:
         """Features of every view of ``dataset`` (full patch grids as float16, or what ``reducer`` keeps)."""
-        more = {} if reducer is None else {"reducer": reducer}
-        reduce = "full-f16" if reducer is None else reducer.describe()
-        return extract(self.encoder, dataset, view, key_parts={"view": view.describe(), "reduce": reduce},
-                       cache=self.cache, device=self.device, batch_size=self.config.batch_size,
-                       num_workers=self.config.num_workers, norm=norm, desc=desc, progress=self.progress,
-                       stats=self.stats, **more)
+        return extract(self.encoder, dataset, view, cache=self.cache, device=self.device,
+                       batch_size=self.config.batch_size, num_workers=self.config.num_workers, reducer=reducer,
+                       norm=norm, desc=desc, progress=self.progress, stats=self.stats)
 
 
 @dataclass
@@ -67,6 +64,7 @@ def run_protocol(protocol: ModuleType, encoder, data_root, config, *, device: st
                  cache: FeatureCache | None = None, progress: bool = True, benchmark: str) -> Result:
     """Run ``protocol``'s steps on ``encoder`` and return the validated result record."""
     config.validate()
+    config = resolve_workers(config)
     ctx = RunContext(encoder=encoder, data_root=Path(data_root), config=config, device=str(device), cache=cache,
                      progress=progress, benchmark=benchmark)
     prepared = protocol.prepare(ctx)
@@ -82,6 +80,14 @@ def run_protocol(protocol: ModuleType, encoder, data_root, config, *, device: st
                        timings=timings, dataset=outcome.dataset,
                        cache={**ctx.stats.as_dict(), "enabled": bool(cache is not None and cache.enabled)},
                        artifacts=outcome.artifacts or None)
+
+
+def resolve_workers(config):
+    """``num_workers`` None ("auto") -> the usable cores, at most 8 (:func:`densebench.features.default_workers`),
+    so that the result records the number used. Workers never change the features (views are deterministic)."""
+    if getattr(config, "num_workers", 0) is None:
+        return dataclasses.replace(config, num_workers=default_workers())
+    return config
 
 
 def protocol_runner(module_name: str, suffix: str, summary: str):

@@ -81,7 +81,7 @@ class Config(ProtocolConfig):
     dataset: str = option("spair", "dataset family (set by the benchmark)", choices=("spair",))
     split: str = option("test", "split whose pairs are evaluated (published: the 12,234 test pairs, before "
                                 "subsampling)", choices=SPAIR_SPLITS)
-    input_size: int = option(800, "side of the square the padded image is resized to", min=1)
+    input_size: int = option(800, "side of the square the padded image is resized to", min=1, max=4096)
     patch_padding: str = option("symmetric", "input not a multiple of the patch: zero-pad symmetrically "
                                              "(probe3d) or refuse", choices=PATCH_PADDINGS)
     square_fill: int = option(255, "pixel value of the bottom/right padding to a square (published: 255, "
@@ -103,7 +103,8 @@ class Config(ProtocolConfig):
     save_matches: str | None = option(None, "folder for match pictures", non_semantic=True)
     save_matches_count: int = option(8, "how many pairs (the first ones) to draw", min=0, non_semantic=True)
     batch_size: int = option(8, "images per backbone forward", min=1, non_semantic=True)
-    num_workers: int = option(0, "data-loading worker processes", min=0, non_semantic=True)
+    num_workers: int | None = option(None, "data-loading worker processes; auto: the usable cores, at most 8",
+                                     min=0, none="auto", non_semantic=True)
     pair_batch: int = option(0, "pairs matched per batch; 0 = sized automatically", min=0, non_semantic=True)
 
     def __post_init__(self) -> None:

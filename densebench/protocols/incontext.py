@@ -8,6 +8,15 @@ memory; softmax(sim / temperature) label transfer using the similarities the sea
 bilinear upsampling of the class scores to the input size; argmax; one streaming confusion matrix.
 Scores: Hungarian-matched mIoU (as published), identity mIoU, per-class IoU; ADE20K also reports
 the 150-class mean next to the published 151-class mean.
+
+Protocol versions (``--protocol``, spec §3.9): the published rows come from different open-hummingbird-eval
+code. ``hbird-2.0`` (default; Nov 2024 on): per-patch L2-normalised keys, hue jitter 0.1. ``hbird-1.1`` (the
+Apr 2024 release behind the open-hummingbird-eval README numbers): keys divided by their norm over the patch
+axis (each feature dimension over an image's stored patches, so keys are not unit vectors; the label transfer
+still uses cosines, as the reference re-normalises the neighbours it gathers), ``ColorJitter(hue=0.5)`` and the
+0.255 std typo. A version sets these choices at once (``key_norm``, ``hue``, ``normalization`` left unset take
+the version's values); what densebench cannot reproduce (ScaNN's approximate search: the search stays exact
+unless ``--backend faiss-ivf``) is recorded in the result's ``derived.protocol_version``.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import DatasetFamily, SegmentationDataset, fraction_list, get_family, open_dataset
+from ..data.ids import id_provenance
 from ..encoders.base import incontext_input_size
 from ..errors import ConfigError
 from ..metrics import ConfusionMatrix, segmentation_scores
@@ -34,31 +44,57 @@ from .common import Outcome, RunContext, check_input_size, check_splits, protoco
 
 BACKENDS = ("auto", "torch", "faiss", "faiss-ivf")
 FRACTIONS = (128, 64, 8)
+KEY_NORMS = ("feature", "patch-axis")
+
+#: Every choice a named protocol version sets (Config fields left at None take these values).
+VERSIONS: dict[str, dict[str, object]] = {
+    "hbird-2.0": {"key_norm": "feature", "hue": 0.1, "normalization": "imagenet"},
+    "hbird-1.1": {"key_norm": "patch-axis", "hue": 0.5, "normalization": "hbird-legacy"},
+}
+#: What each version's reference code did that densebench does not reproduce (recorded in ``derived``).
+NOT_REPRODUCED: dict[str, list[str]] = {
+    "hbird-2.0": ["std 0.255 typo fixed by default (--normalization hbird-legacy restores it)",
+                  "ScaNN / faiss approximate search replaced by exact search unless --backend faiss-ivf",
+                  "memory-bank noise drawn per image from the seed (the reference draws it from the global RNG)"],
+    "hbird-1.1": ["ScaNN approximate search (tree 128 leaves, 32 searched, AH scoring, reorder 32): exact search "
+                  "unless --backend faiss-ivf",
+                  "shuffled memory-bank loader and global-RNG noise: augmentations and sampling seeded per image",
+                  "PredsmIoU(21, 21) hard-coded class count: the dataset's class count is used (same for VOC)"],
+}
 
 
 @dataclass(frozen=True)
 class Config(ProtocolConfig):
     dataset: str = option("voc", "dataset family (set by the benchmark)")
     input_size: int | None = option(None, "image side fed to the encoder; auto: 504 for /14 models, 512 for /16",
-                                    min=1, none="auto")
+                                    min=1, max=4096, none="auto")
     augment_epochs: int = option(2, "augmented passes over the train split for the memory bank; 0 = resized, "
                                     "un-augmented images", min=0)
     memory_size: int | None = option(10_240_000, "patches kept in the memory bank", min=1, none="all")
     neighbours: int = option(30, "nearest neighbours per query patch", min=1)
     temperature: float = option(0.02, "softmax temperature of the label transfer", min=0, min_exclusive=True)
+    protocol: str = option("hbird-2.0", "named protocol version; sets key_norm, hue and normalization "
+                                        "(module docstring)", choices=tuple(VERSIONS))
+    key_norm: str | None = option(None, "memory keys: feature = L2 per patch (hbird 2.0); patch-axis = each "
+                                        "dimension over the image's patches (hbird 1.1)", choices=KEY_NORMS,
+                                  none="by --protocol")
+    hue: float | None = option(None, "hue jitter range of the memory-bank augmentation (hbird 2.0: 0.1, "
+                                     "hbird 1.1: 0.5)", min=0, max=0.5, none="by --protocol")
     train_list: str | None = option(None, "file of ids for the memory bank (instead of the whole train split)")
+    val_list: str | None = option(None, "file of val ids to query (instead of the dataset's val split)")
     train_fraction: int | None = option(None, "use the shipped Hummingbird 1/N list of the train split",
                                         choices=FRACTIONS)
     fraction_seed: int = option(42, "which published fraction list", choices=(42, 400, 783, 1293, 4019))
     memory_ignore: str = option("class0", "ignore pixels in the memory bank: counted as class 0 (published) or "
                                           "dropped", choices=("class0", "drop"))
-    normalization: str = option("imagenet", "input normalisation; hbird-legacy = the reference's 0.255 std typo",
-                                choices=("imagenet", "hbird-legacy"))
+    normalization: str | None = option(None, "input normalisation; hbird-legacy = the reference's 0.255 std typo",
+                                       choices=("imagenet", "hbird-legacy"), none="by --protocol")
     backend: str = option("auto", "k-NN backend: auto (faiss on GPU, else torch), torch, faiss (exact), "
                                   "faiss-ivf (approximate)", choices=BACKENDS)
     seed: int = option(0, "seed of the augmentations and the memory-bank sampling", min=0)
     batch_size: int = option(16, "images per backbone forward", min=1, non_semantic=True)
-    num_workers: int = option(0, "data-loading worker processes", min=0, non_semantic=True)
+    num_workers: int | None = option(None, "data-loading worker processes; auto: the usable cores, at most 8",
+                                     min=0, none="auto", non_semantic=True)
     query_chunk: int = option(0, "val images per retrieval chunk; 0 = sized automatically", min=0,
                               non_semantic=True)
     save_predictions: str | None = option(None, "folder for image | ground truth | prediction PNGs",
@@ -76,11 +112,19 @@ def resolve_input_size(input_size: int | None, patch_size: int) -> int:
     return input_size if input_size is not None else incontext_input_size(patch_size)
 
 
+def version_choices(config: dict) -> dict:
+    """The fields a protocol version sets, filled where ``config`` leaves them unset (None)."""
+    preset = VERSIONS.get(config.get("protocol") or "hbird-2.0", {})
+    return {k: (config.get(k) if config.get(k) is not None else v) for k, v in preset.items()}
+
+
 def resolve_canonical(config: dict, model: dict) -> dict:
     """A config as a run of ``model`` records it, in the form leaderboards compare: the input size by patch
-    size, and every exact backend as ``exact`` (they return the same neighbours)."""
+    size, the protocol version's choices filled, and every exact backend as ``exact`` (they return the same
+    neighbours)."""
     config = dict(config)
     config["input_size"] = resolve_input_size(config.get("input_size"), int(model["patch_size"]))
+    config.update(version_choices(config))
     if config.get("backend") in ("auto", "torch", "faiss"):
         config["backend"] = "exact"
     return config
@@ -110,52 +154,90 @@ def patch_label_counts(masks: torch.Tensor, patch: int, num_classes: int, ignore
     return counts[:, :num_classes].view(b, s_h, s_w, num_classes)
 
 
-def rarity_sample(counts: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def rarity_sample(counts: torch.Tensor, k: int, generator) -> torch.Tensor:
     """Indices of the ``k`` patches to keep, by the published rule (spec §3.3 step 5).
 
     presence[p, c] = class c occurs in patch p; freq[c] = number of patches of this image containing c;
     score[p] = Σ_c presence·freq times U(0, 1) noise; keep the k smallest scores (classes rare within
     the image win). Patches with no labelled pixel (only possible with memory_ignore=drop) are never kept.
+
+    ``counts`` (N, C) with one generator: the kept indices, smallest score first (fewer than k when the
+    image has fewer labelled patches). Batched, ``counts`` (B, N, C) with one generator per image: a
+    (B, min(k, N)) tensor of each image's kept indices in ascending order, -1 (sorted first) where an image
+    has fewer labelled patches; computed on ``counts``' device without waiting for it. The noise is the
+    same float64 draw per image either way, and the scores are exact integer sums times it, so both forms
+    select the same patches.
     """
-    presence = (counts > 0).to(torch.float64)
-    freq = presence.sum(0)
-    score = (presence * freq).sum(1) * torch.rand(counts.shape[0], generator=generator, dtype=torch.float64)
-    empty = presence.sum(1) == 0
-    score[empty] = math.inf
-    k = min(k, int((~empty).sum()))
-    return torch.topk(score, k, largest=False).indices
+    batched = counts.dim() == 3
+    c = counts if batched else counts[None]
+    gens = list(generator) if batched else [generator]
+    noise = torch.stack([torch.rand(c.shape[1], generator=g, dtype=torch.float64) for g in gens])
+    if c.device.type == "cuda":
+        noise = noise.pin_memory().to(c.device, non_blocking=True)
+    else:
+        noise = noise.to(c.device)
+    presence = (c > 0).to(torch.float64)
+    freq = presence.sum(1, keepdim=True)
+    score = (presence * freq).sum(2) * noise
+    empty = presence.sum(2) == 0
+    score = score.masked_fill(empty, math.inf)
+    values, idx = torch.topk(score, min(k, c.shape[1]), dim=1, largest=False)
+    if not batched:
+        return idx[0][values[0] < math.inf]
+    return torch.sort(torch.where(values < math.inf, idx, -1), dim=1).values
+
+
+def normalise_keys(feats: torch.Tensor, key_norm: str, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N, D) features of the N stored patches of each image -> memory keys.
+
+    ``feature`` (hbird 2.0): each patch's feature over its L2 norm. ``patch-axis`` (hbird 1.1, ``F / ‖F‖`` over
+    dim 1): each feature dimension over its L2 norm across the image's N stored patches (all S² patches for an
+    unbounded memory, the sampled ones otherwise); ``keep`` (B, N) leaves padding rows out of that norm.
+    """
+    if key_norm == "feature":
+        return F.normalize(feats, dim=-1)
+    if keep is not None:
+        feats = feats * keep[..., None].to(feats.dtype)
+    return F.normalize(feats, dim=1)
 
 
 class MemoryReducer:
     """Per train view: normalise patch features, sample patches, keep (features f16, label counts)."""
 
     def __init__(self, patch: int, num_classes: int, ignore_index: int, memory_ignore: str,
-                 per_image: int | None, seed: int, epoch: int):
+                 per_image: int | None, seed: int, epoch: int, key_norm: str = "feature"):
         self.patch, self.num_classes, self.ignore_index = patch, num_classes, ignore_index
         self.memory_ignore, self.per_image, self.seed, self.epoch = memory_ignore, per_image, seed, epoch
+        self.key_norm = key_norm
         self.count_dtype = np.uint8 if patch * patch <= 255 else np.uint16
 
     def describe(self) -> dict:
         return {"reducer": "hbird-memory", "per_image": self.per_image, "memory_ignore": self.memory_ignore,
-                "seed": self.seed, "epoch": self.epoch, "count_dtype": np.dtype(self.count_dtype).str}
+                "seed": self.seed, "epoch": self.epoch, "count_dtype": np.dtype(self.count_dtype).str,
+                **({"key_norm": self.key_norm} if self.key_norm != "feature" else {})}
 
-    def __call__(self, feats: torch.Tensor, masks: torch.Tensor, indices: torch.Tensor) -> dict[str, np.ndarray]:
+    def __call__(self, feats: torch.Tensor, masks: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The whole batch at once on the features' device; rows of a drop-mode image with fewer labelled
+        patches than ``per_image`` are marked False in ``_keep`` (the cache drops them, keeping the order)."""
         b, s_h, s_w, d = feats.shape
-        counts = patch_label_counts(masks, self.patch, self.num_classes, self.ignore_index, self.memory_ignore)
-        keys = F.normalize(feats.reshape(b, s_h * s_w, d), dim=-1)
-        counts = counts.reshape(b, s_h * s_w, self.num_classes)
-        out_f, out_c = [], []
-        for i in range(b):
-            c = counts[i].cpu()
-            if self.per_image is None and self.memory_ignore == "class0":
-                sel = torch.arange(c.shape[0])
-            else:
-                g = generator_for(self.seed, 10_000 + self.epoch, int(indices[i]))
-                sel = rarity_sample(c, self.per_image if self.per_image is not None else c.shape[0], g)
-                sel = torch.sort(sel).values
-            out_f.append(keys[i, sel.to(keys.device)].to(torch.float16).cpu().numpy())
-            out_c.append(c[sel].numpy().astype(self.count_dtype))
-        return {"keys": np.concatenate(out_f), "labels": np.concatenate(out_c)}
+        n, C = s_h * s_w, self.num_classes
+        counts = patch_label_counts(masks.to(feats.device), self.patch, C, self.ignore_index, self.memory_ignore)
+        feats = feats.reshape(b, n, d)
+        counts = counts.reshape(b, n, C)
+        label_dtype = torch.from_numpy(np.zeros(0, dtype=self.count_dtype)).dtype
+        if self.per_image is None and self.memory_ignore == "class0":
+            keys = normalise_keys(feats, self.key_norm)
+            return {"keys": keys.reshape(b * n, d).to(torch.float16),
+                    "labels": counts.reshape(b * n, C).to(label_dtype)}
+        gens = [generator_for(self.seed, 10_000 + self.epoch, int(i)) for i in indices]
+        sel = rarity_sample(counts, self.per_image if self.per_image is not None else n, gens)   # (b, k)
+        keep = sel >= 0
+        sel = sel.clamp(min=0)
+        k = sel.shape[1]
+        out_f = normalise_keys(feats.gather(1, sel[..., None].expand(b, k, d)), self.key_norm, keep)
+        out_c = counts.gather(1, sel[..., None].expand(b, k, C))
+        return {"keys": out_f.reshape(b * k, d).to(torch.float16), "labels": out_c.reshape(b * k, C).to(label_dtype),
+                "_keep": keep.reshape(b * k)}
 
 
 def transfer_labels(sims: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor, temperature: float,
@@ -196,25 +278,28 @@ class Prepared:
     std: tuple
     per_image: int | None
     clamped: bool
+    val_list: str | None = None
 
 
 def prepare(ctx: RunContext) -> Prepared:
     """Open the memory (train or a fraction list) and query (val) splits; size the memory per image."""
     config = ctx.config
     ctx.config = config = dataclasses.replace(
-        config, input_size=resolve_input_size(config.input_size, ctx.encoder.patch_size))
+        config, input_size=resolve_input_size(config.input_size, ctx.encoder.patch_size),
+        **version_choices(dataclasses.asdict(config)))
     check_input_size(config.input_size, ctx.encoder)
     family = get_family(config.dataset)
     id_list = config.train_list
     if config.train_fraction is not None:
         id_list = str(fraction_list(family, config.train_fraction, config.fraction_seed, data_root=ctx.data_root))
     train = open_dataset(family, ctx.data_root, family.train_split, id_list=id_list)
-    val = open_dataset(family, ctx.data_root, family.val_split)
+    val = open_dataset(family, ctx.data_root, family.val_split, id_list=config.val_list)
     check_splits(family.name, train=train, val=val)
+    family = family.for_classes(val.num_classes, val.ignore_index)
     s = config.input_size // ctx.encoder.patch_size
     per_image, clamped = _memory_per_image(config, len(train), s * s)
     mean, std = normalisation(config.normalization)
-    return Prepared(family, train, val, id_list, mean, std, per_image, clamped)
+    return Prepared(family, train, val, id_list, mean, std, per_image, clamped, config.val_list)
 
 
 def extract_features(ctx: RunContext, prep: Prepared) -> dict:
@@ -227,9 +312,9 @@ def extract_features(ctx: RunContext, prep: Prepared) -> dict:
             view = ResizeView(config.input_size, mean=prep.mean, std=prep.std)
         else:
             view = HummingbirdTrainView(config.input_size, seed=config.seed, epoch=epoch, mean=prep.mean,
-                                        std=prep.std)
+                                        std=prep.std, **({"hue": config.hue} if config.hue != 0.1 else {}))
         reducer = MemoryReducer(p, prep.val.num_classes, prep.val.ignore_index, config.memory_ignore,
-                                prep.per_image, config.seed, epoch)
+                                prep.per_image, config.seed, epoch, config.key_norm)
         mem = ctx.extract(prep.train, view, reducer=reducer, desc=f"memory bank {epoch + 1}/{epochs}")
         keys.append(mem["keys"])
         labels.append(mem["labels"])
@@ -248,6 +333,8 @@ def score(ctx: RunContext, prep: Prepared, feats: dict) -> Outcome:
     if keys.shape[0] == 0:
         raise ConfigError("the memory bank is empty (no labelled patches in the train split)")
     k = min(config.neighbours, keys.shape[0])
+    # hbird 1.1 keys are not unit vectors: the search ranks by <q, key>, the softmax uses cos(q, key)
+    key_norms = keys.norm(dim=1).to(dev) if config.key_norm == "patch-axis" else None
     index = build_index(keys, backend=config.backend, device=str(dev))
     q = feats["val"]
     conf = ConfusionMatrix(C, ignore_index=ignore, device=str(dev))
@@ -262,8 +349,10 @@ def score(ctx: RunContext, prep: Prepared, feats: dict) -> Outcome:
             b = val_feats.shape[0]
             queries = F.normalize(val_feats.reshape(-1, val_feats.shape[-1]), dim=-1)
             sims, idx = index.search(queries, k)
-            scores = transfer_labels(torch.as_tensor(sims, device=dev), torch.as_tensor(idx, device=dev), labels,
-                                     config.temperature, p * p)
+            sims, idx = torch.as_tensor(sims, device=dev), torch.as_tensor(idx, device=dev)
+            if key_norms is not None:
+                sims = sims.float() / key_norms[idx]
+            scores = transfer_labels(sims, idx, labels, config.temperature, p * p)
             scores = scores.view(b, s, s, C).permute(0, 3, 1, 2)
             scores = F.interpolate(scores, size=(input_size, input_size), mode="bilinear", align_corners=False)
             pred = scores.argmax(1)
@@ -289,7 +378,10 @@ def score(ctx: RunContext, prep: Prepared, feats: dict) -> Outcome:
     derived = {"memory_per_image": prep.per_image, "memory_per_image_clamped": prep.clamped,
                "memory_rows": int(keys.shape[0]), "neighbours_used": k, "mean": list(prep.mean),
                "std": list(prep.std), "train_list_resolved": prep.train_list, "retrieval": retrieval,
+               "protocol_version": {"name": config.protocol, "sets": VERSIONS[config.protocol],
+                                    "not_reproduced": NOT_REPRODUCED[config.protocol]},
                "metric_notes": {"miou": f"Hungarian-matched, pooled over val, {prep.family.mean_note()}",
                                 **prep.family.class_mean_notes()}}
-    return Outcome(metrics=metrics, derived=derived, dataset=split_record(prep.family.name, prep.val, prep.train),
-                   seeds={"protocol": config.seed}, artifacts=artifacts)
+    dataset = split_record(prep.family.name, prep.val, prep.train, **id_provenance(train=prep.train, val=prep.val))
+    return Outcome(metrics=metrics, derived=derived, dataset=dataset, seeds={"protocol": config.seed},
+                   artifacts=artifacts)

@@ -24,6 +24,12 @@ What densebench does differently, and why:
   epoch, available as the labelled legacy option ``select_on_val``.
 - **Explicit COCO train list.** The reference's 10% COCO subset depended on directory order; the
   COCO reader uses a fixed list (see densebench.data.coco).
+- **Shuffled batches.** The reference trains VOC and ADE20K in file order (ADE20K ids are ordered by
+  scene, so its batches are scene-homogeneous) and shuffles COCO (with ``drop_last``). Here every dataset's
+  batches are reshuffled each epoch; ``batch_order="file-order"`` is the labelled legacy order.
+
+The recipe is the named protocol version ``neco-leopart`` (``--protocol``); other linear recipes (e.g.
+DINOv2's) would be further versions.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import DatasetFamily, SegmentationDataset, get_family, open_dataset
+from ..data.ids import id_provenance
 from ..errors import ConfigError, DataError, choices_message
 from ..metrics import ConfusionMatrix, segmentation_scores
 from ..options import ProtocolConfig, option
@@ -47,6 +54,9 @@ from .common import Outcome, RunContext, check_input_size, check_splits, protoco
 
 UPSAMPLE_MODES = ("logits", "features")
 NORMALISATIONS = ("imagenet", "hbird-legacy", "encoder")
+#: Named protocol versions (``--protocol``): the Leopart/NeCo linear_finetune recipe is the one implemented.
+VERSIONS = ("neco-leopart",)
+BATCH_ORDERS = ("shuffled", "file-order")
 
 #: Default number of cached augmented views per training image. Chosen from the bench/linear.py
 #: measurement on the synthetic suite (docs/linear.md): mIoU with 1, 2, 4 views vs fresh views every epoch.
@@ -56,8 +66,10 @@ DEFAULT_TRAIN_VIEWS = 2
 @dataclass(frozen=True)
 class Config(ProtocolConfig):
     dataset: str = option("voc", "dataset family (set by the benchmark)")
+    protocol: str = option("neco-leopart", "named protocol version: neco-leopart = the Leopart/NeCo "
+                                           "linear_finetune recipe", choices=VERSIONS)
     input_size: int = option(448, "image side fed to the encoder, a multiple of the patch size (published 448)",
-                             min=1)
+                             min=1, max=4096)
     train_views: int = option(DEFAULT_TRAIN_VIEWS, "cached augmented views per training image; epoch e trains "
                                                    "on view e mod N (N = --epochs: the published data stream)",
                               min=1)
@@ -74,17 +86,21 @@ class Config(ProtocolConfig):
     lr_drop_epoch: int = option(20, "StepLR step size in epochs", min=1)
     lr_gamma: float = option(0.1, "StepLR factor", min=0, max=1, min_exclusive=True)
     head_batch_size: int = option(128, "images per SGD step of the head (published 128)", min=1)
-    drop_last: bool = option(False, "drop the last incomplete head batch (the published VOC loader does)")
+    drop_last: bool = option(False, "drop the last incomplete head batch (the published VOC and COCO loaders do)")
+    batch_order: str = option("shuffled", "head batches: reshuffled every epoch, or file-order (LEGACY: the "
+                                          "reference's VOC and ADE20K loaders do not shuffle)", choices=BATCH_ORDERS)
     select_on_val: bool = option(False, "LEGACY: report the epoch with the best val mIoU (at --train-mask-size), "
                                         "i.e. model selection on the evaluation set")
     train_list: str | None = option(None, "file of ids for the training split (instead of the whole split)")
+    val_list: str | None = option(None, "file of ids for the val split (instead of the dataset's val split)")
     normalization: str = option("imagenet", "input normalisation; hbird-legacy = the reference's 0.255 std typo, "
                                             "encoder = what the encoder declares", choices=NORMALISATIONS)
     upsample: str = option("logits", "logits: head at the patch grid, then upsample (the same function, cheap); "
                                      "features: the literal order", choices=UPSAMPLE_MODES, non_semantic=True)
     seed: int = option(400, "seed of the head init, the batch order and the augmentation draws")
     batch_size: int = option(16, "images per backbone forward", min=1, non_semantic=True)
-    num_workers: int = option(0, "data-loading worker processes", min=0, non_semantic=True)
+    num_workers: int | None = option(None, "data-loading worker processes; auto: the usable cores, at most 8",
+                                     min=0, none="auto", non_semantic=True)
     eval_chunk: int = option(0, "val images per evaluation chunk; 0 = sized automatically", min=0,
                              non_semantic=True)
 
@@ -93,6 +109,18 @@ class Config(ProtocolConfig):
             raise ConfigError(f"--train-views {self.train_views} exceeds --epochs {self.epochs}: epoch e trains on "
                               "view e mod train-views, so views beyond the number of epochs would never be used",
                               hint=f"use --train-views <= {self.epochs}")
+
+
+def not_reproduced(config: Config, family: str) -> list[str]:
+    """Where this run differs from the reference code of its protocol version (recorded in ``derived``)."""
+    out = []
+    if config.train_views < config.epochs:
+        out.append(f"{config.train_views} cached augmented views per image, not a fresh view every epoch")
+    if not config.select_on_val:
+        out.append("the last epoch is reported (the reference selects the best val epoch)")
+    if config.batch_order == "shuffled" and family in ("voc", "ade20k"):
+        out.append("batches reshuffled every epoch (the reference trains VOC and ADE20K in file order)")
+    return out
 
 
 def resolve_eval_size(eval_size: int | None, input_size: int) -> int:
@@ -136,12 +164,17 @@ def head_logits(head: nn.Conv2d, features: torch.Tensor, size: int, upsample: st
     return F.interpolate(head(x), size=(size, size), mode="bilinear", align_corners=False)
 
 
-def epoch_batches(n: int, batch_size: int, drop_last: bool, generator: torch.Generator) -> list[np.ndarray]:
-    """One epoch's shuffled batches of image indices (each batch sorted, for memory-map locality).
+def epoch_batches(n: int, batch_size: int, drop_last: bool, generator: torch.Generator,
+                  order: str = "shuffled") -> list[np.ndarray]:
+    """One epoch's batches of image indices (each batch sorted, for memory-map locality): a fresh permutation
+    (``shuffled``), or consecutive images in the split's order (``file-order``, the reference's VOC/ADE20K
+    loaders; the generator is not drawn from).
 
     The order inside a batch does not change a mean loss, so sorting only makes reads sequential.
     """
-    perm = torch.randperm(n, generator=generator).numpy()
+    if order not in BATCH_ORDERS:
+        raise ConfigError(choices_message("--batch-order", order, BATCH_ORDERS))
+    perm = torch.randperm(n, generator=generator).numpy() if order == "shuffled" else np.arange(n)
     stop = (n // batch_size) * batch_size if drop_last else n
     return [np.sort(perm[i:i + batch_size]) for i in range(0, stop, batch_size)]
 
@@ -187,7 +220,7 @@ def train_head(views: list[dict[str, np.ndarray]], num_classes: int, ignore_inde
     with progress_bar("linear head", total=config.epochs, enabled=progress) as advance:
         for epoch in range(config.epochs):
             store = views[epoch % len(views)]
-            batches = epoch_batches(n, config.head_batch_size, config.drop_last, order)
+            batches = epoch_batches(n, config.head_batch_size, config.drop_last, order, config.batch_order)
             if not batches:
                 raise ConfigError(f"no training batch: {n} images with --head-batch-size {config.head_batch_size} "
                                   "and --drop-last", hint="lower --head-batch-size or pass --no-drop-last")
@@ -292,14 +325,14 @@ def prepare(ctx: RunContext) -> Prepared:
     mean, std = normalisation(config.normalization, ctx.encoder)
     family = get_family(config.dataset)
     train = open_dataset(family, ctx.data_root, family.train_split, id_list=config.train_list)
-    val = open_dataset(family, ctx.data_root, family.val_split)
+    val = open_dataset(family, ctx.data_root, family.val_split, id_list=config.val_list)
     check_splits(family.name, train=train, val=val)
     C, ignore = val.num_classes, val.ignore_index
     if train.num_classes != C or train.ignore_index != ignore:
         raise ConfigError(f"{family.name}: train and val disagree on classes/ignore index "
                           f"({train.num_classes}/{train.ignore_index} vs {C}/{ignore})")
     check_head_batches(len(train), config, family.name, train.split)
-    return Prepared(family, train, val, mean, std)
+    return Prepared(family.for_classes(C, ignore), train, val, mean, std)
 
 
 def extract_features(ctx: RunContext, prep: Prepared) -> dict:
@@ -340,6 +373,7 @@ def score(ctx: RunContext, prep: Prepared, feats: dict) -> Outcome:
         "crop_scale": [config.crop_min_scale, 1.0], "crop_ratio": [3 / 4, 4 / 3],
         "train_list_resolved": config.train_list, "steps": trained.steps,
         "skipped_batches": trained.skipped_batches, "reported_epoch": trained.selected_epoch or config.epochs,
+        "protocol_version": {"name": config.protocol, "not_reproduced": not_reproduced(config, prep.family.name)},
         "metric_notes": {
             "miou": f"identity-mapped mIoU pooled over val at eval_size, {prep.family.mean_note()}",
             **prep.family.class_mean_notes(),
@@ -349,5 +383,6 @@ def score(ctx: RunContext, prep: Prepared, feats: dict) -> Outcome:
                                else "the last epoch (no model selection on val)"),
         }}
     dataset = split_record(prep.family.name, prep.val, prep.train,
-                           train_id_source=prep.train.extra.get("id_source"))
+                           train_id_source=prep.train.extra.get("id_source"),
+                           **id_provenance(train=prep.train, val=prep.val))
     return Outcome(metrics=metrics, derived=derived, dataset=dataset, seeds={"protocol": config.seed})

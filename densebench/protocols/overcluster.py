@@ -19,7 +19,7 @@ What is done differently, and why it does not change the numbers:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import DatasetFamily, SegmentationDataset, get_family, open_dataset
+from ..data.ids import id_provenance
 from ..errors import ConfigError, DataError, choices_message
 from ..kmeans import StandardPCA, faiss_gpu_available, faiss_kmeans, fit_standard_pca
 from ..metrics import segmentation_scores
@@ -54,7 +55,7 @@ def parse_clusters(value) -> tuple[str, ...]:
 class Config(ProtocolConfig):
     dataset: str = option("voc", "dataset family (set by the benchmark)")
     input_size: int = option(448, "square resize of the images (published: 448); a multiple of the patch size",
-                             min=1)
+                             min=1, max=4096)
     mask_size: int = option(100, "masks and cluster maps are scored at mask_size x mask_size", min=1)
     clusters: tuple[str, ...] = option(("gt", "300", "500"), "comma list of K; gt = the number of classes")
     seeds: int = option(5, "k-means seeds 0..seeds-1; the score is the mean (and std) over seeds", min=1)
@@ -70,13 +71,15 @@ class Config(ProtocolConfig):
                                    "many-to-one (the reference code)", choices=MATCHING_CHOICES)
     val_drop_last: bool = option(False, "drop the val images past the last full batch of 32, as the reference "
                                          "VOC loader (1,449 -> 1,440)")
+    val_list: str | None = option(None, "file of val ids to cluster (instead of the dataset's val split)")
     normalization: str = option("imagenet", "input normalisation: imagenet (published) or the encoder's own",
                                 choices=("imagenet", "encoder"))
     save_maps: str | None = option(None, "folder for image | ground truth | matched cluster map PNGs",
                                    non_semantic=True)
     save_maps_count: int = option(8, "how many val images (the first ones) to draw", min=0, non_semantic=True)
     batch_size: int = option(16, "images per backbone forward", min=1, non_semantic=True)
-    num_workers: int = option(0, "data-loading worker processes", min=0, non_semantic=True)
+    num_workers: int | None = option(None, "data-loading worker processes; auto: the usable cores, at most 8",
+                                     min=0, none="auto", non_semantic=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clusters", parse_clusters(self.clusters))
@@ -302,6 +305,7 @@ class Prepared:
     n_available: int                  # val images before --val-drop-last
     mean: tuple
     std: tuple
+    ids: dict = field(default_factory=dict)   # where the val ids came from (id_provenance)
 
 
 def prepare(ctx: RunContext) -> Prepared:
@@ -310,7 +314,9 @@ def prepare(ctx: RunContext) -> Prepared:
     check_input_size(config.input_size, ctx.encoder)
     mean, std = normalisation(config.normalization, ctx.encoder)
     family = get_family(config.dataset)
-    val = open_dataset(family, ctx.data_root, family.val_split)
+    val = open_dataset(family, ctx.data_root, family.val_split, id_list=config.val_list)
+    family = family.for_classes(val.num_classes, val.ignore_index)
+    ids = id_provenance(val=val)
     n_available = len(val)
     if config.val_drop_last:
         val = val.subset(val.ids[: n_available // REFERENCE_VAL_BATCH * REFERENCE_VAL_BATCH])
@@ -321,7 +327,7 @@ def prepare(ctx: RunContext) -> Prepared:
     # Refuse an impossible K before paying for the forward pass.
     check_cluster_counts(resolve_clusters(config.clusters, val.num_classes), len(val) * s * s,
                          f"{len(val)} images x {s}x{s} tokens at --input-size {config.input_size}")
-    return Prepared(family, val, n_available, mean, std)
+    return Prepared(family, val, n_available, mean, std, ids)
 
 
 def extract_features(ctx: RunContext, prep: Prepared) -> dict:
@@ -374,7 +380,8 @@ def score(ctx: RunContext, prep: Prepared, feats: dict) -> Outcome:
         "metric_notes": notes}
     timings = {key: oc.timings[key] for key in ("standardise_pca_s", "kmeans_s", "matching_s")}
     return Outcome(metrics=oc.metrics, derived=derived,
-                   dataset=split_record(family.name, val, n_val=prep.n_available, n_val_clustered=len(val)),
+                   dataset=split_record(family.name, val, n_val=prep.n_available, n_val_clustered=len(val),
+                                        **prep.ids),
                    seeds={"kmeans": list(range(config.seeds))}, timings={**timings, "save_maps_s": save_maps_s},
                    artifacts=artifacts)
 
