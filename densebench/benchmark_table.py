@@ -171,7 +171,7 @@ _SPECS = [
          main_metric="miou", citations=(HBIRD, HBIRD_CODE), synthetic={"input_size": 224}),
     *[spec(f"{fam.name}-linear", linear, fam, f"Linear segmentation probe (Leopart/NeCo), {fam.title}: "
            f"{fam.train_split} -> {fam.val_split}; {_CLASS_MEAN[fam.name]}", main_metric="miou",
-           citations=(LEOPART, NECO), overrides={} if fam is ADE20K else {"drop_last": True},
+           citations=(LEOPART, NECO), overrides={"drop_last": True} if fam is VOC else {},
            synthetic=_LINEAR_SYNTHETIC)
       for fam in (VOC, ADE20K, COCO_THINGS, COCO_STUFF)],
     *[spec(f"{fam.name}-overcluster", overcluster, fam,

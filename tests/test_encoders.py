@@ -126,7 +126,9 @@ def test_meta_offset_interpolation():
     grid = pos[:, 1:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2)
     want = F.interpolate(grid, scale_factor=(3.1 / 2, 4.1 / 2), mode="bicubic", align_corners=False)
     want = torch.cat([pos[:, :1], want.permute(0, 2, 3, 1).reshape(1, 12, -1)], dim=1)
-    with torch.inference_mode():
+    from densebench.encoders.timm_encoder import pos_embed_mode
+
+    with torch.inference_mode(), pos_embed_mode(vit, "meta-offset"):   # the encoder installs it per forward
         emb = vit.patch_embed(x)
         got = vit._pos_embed(emb) - torch.cat([vit.cls_token, emb.reshape(1, 12, -1)], dim=1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -5,8 +5,10 @@ Features come from ``forward_intermediates``, which splits off the prefix tokens
 apply the final norm to any block, so "last block after the final norm" and "block k without the norm" are
 the same code path. Models are built with ``dynamic_img_size=True`` so any multiple of the patch size works;
 the position embeddings are resampled on every forward, either timm's way or Meta's (see ``POS_INTERP``).
-The mode belongs to the encoder, not to the wrapped module: Meta's resampling is installed on the module for
-the duration of each forward only, so two encoders wrapping one module keep their own modes.
+The mode belongs to the encoder, not to the wrapped module: a module one of whose encoders resamples Meta's way
+gets a dispatcher as its ``_pos_embed`` (installed once, outside any forward, so ``torch.compile`` sees one stable
+method), and every encoder sets the module's mode to its own before its forward, so two encoders wrapping one
+module keep their own modes.
 """
 
 from __future__ import annotations
@@ -115,24 +117,35 @@ def grid_from_pos_embed(model: nn.Module, pos_embed: torch.Tensor) -> int | None
     return side if side * side == n and side > 0 else None
 
 
+#: The module attribute holding the resampling mode its dispatcher follows (absent: no dispatcher, timm's own).
+_MODE = "_densebench_pos_interp"
+
+
+def _dispatch_pos_embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The ``_pos_embed`` of a module once one of its encoders resamples Meta's way: the module's current mode
+    (set by the encoder about to run it) picks Meta's resampling or timm's own method."""
+    if getattr(self, _MODE) == "meta-offset":
+        return _meta_offset_pos_embed(self, x)
+    return type(self)._pos_embed(self, x)
+
+
+def set_pos_embed_mode(model: nn.Module, mode: str) -> None:
+    """From now on ``model`` resamples as ``mode``; Meta's mode installs the dispatcher on first use."""
+    if mode == "meta-offset" and getattr(model, _MODE, None) is None:
+        model.__dict__["_pos_embed"] = types.MethodType(_dispatch_pos_embed, model)
+    if mode == "meta-offset" or getattr(model, _MODE, None) is not None:
+        setattr(model, _MODE, mode)
+
+
 @contextlib.contextmanager
 def pos_embed_mode(model: nn.Module, mode: str) -> Iterator[None]:
-    """While active, ``model`` resamples position embeddings as ``mode`` says: timm's own ``_pos_embed`` (the
-    class method) for ``timm``; Meta's installed on the instance for ``meta-offset``, and whatever the
-    instance had restored afterwards."""
-    if mode != "meta-offset":
-        yield
-        return
-    had = "_pos_embed" in model.__dict__
-    previous = model.__dict__.get("_pos_embed")
-    model.__dict__["_pos_embed"] = types.MethodType(_meta_offset_pos_embed, model)
+    """While active ``model`` resamples as ``mode``; its previous mode afterwards."""
+    before = getattr(model, _MODE, None) or "timm"
+    set_pos_embed_mode(model, mode)
     try:
         yield
     finally:
-        if had:
-            model.__dict__["_pos_embed"] = previous
-        else:
-            del model.__dict__["_pos_embed"]
+        set_pos_embed_mode(model, before)
 
 
 def _meta_offset_pos_embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -190,6 +203,7 @@ class TimmEncoder(DenseEncoder):
         self.pos_interp = self.pos_interp_default = pos_interp
         self.pos_interp_choice: str | None = None   # what --pos-interp asked for, while a benchmark runs
         self._check_pos_interp(pos_interp)
+        set_pos_embed_mode(model, pos_interp)
         self.weights_info = dict(weights or {})
         self.extra = dict(extra or {})
         self.check_layer(layer)
@@ -207,6 +221,7 @@ class TimmEncoder(DenseEncoder):
         mode enters :meth:`feature_key` (cache keys) and :meth:`describe` (results). Yields the mode."""
         mode = resolve_pos_interp(choice, protocol, self.pos_interp_default)
         self._check_pos_interp(mode)
+        set_pos_embed_mode(self.model, mode)
         saved = self.pos_interp, self.pos_interp_choice
         self.pos_interp, self.pos_interp_choice = mode, choice
         try:
@@ -222,9 +237,10 @@ class TimmEncoder(DenseEncoder):
 
     def _features(self, images: torch.Tensor, layer: int, norm: bool) -> torch.Tensor:
         idx = self.check_layer(layer)
-        with pos_embed_mode(self.model, self.pos_interp):
-            (tokens,) = self.model.forward_intermediates(images, indices=[idx], norm=norm, stop_early=True,
-                                                         output_fmt="NLC", intermediates_only=True)
+        if getattr(self.model, _MODE, self.pos_interp) != self.pos_interp:   # another encoder of the module ran
+            setattr(self.model, _MODE, self.pos_interp)
+        (tokens,) = self.model.forward_intermediates(images, indices=[idx], norm=norm, stop_early=True,
+                                                     output_fmt="NLC", intermediates_only=True)
         b, _, h, w = images.shape
         return tokens.reshape(b, h // self.patch_size, w // self.patch_size, tokens.shape[-1])
 

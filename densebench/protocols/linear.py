@@ -86,7 +86,8 @@ class Config(ProtocolConfig):
     lr_drop_epoch: int = option(20, "StepLR step size in epochs", min=1)
     lr_gamma: float = option(0.1, "StepLR factor", min=0, max=1, min_exclusive=True)
     head_batch_size: int = option(128, "images per SGD step of the head (published 128)", min=1)
-    drop_last: bool = option(False, "drop the last incomplete head batch (the published VOC and COCO loaders do)")
+    drop_last: bool = option(False, "drop the last incomplete head batch (the published VOC and COCO loaders do; "
+                                    "on by default for VOC)")
     batch_order: str = option("shuffled", "head batches: reshuffled every epoch, or file-order (LEGACY: the "
                                           "reference's VOC and ADE20K loaders do not shuffle)", choices=BATCH_ORDERS)
     select_on_val: bool = option(False, "LEGACY: report the epoch with the best val mIoU (at --train-mask-size), "
