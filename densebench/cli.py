@@ -351,11 +351,12 @@ def version() -> None:
 
 
 def _register_subcommands() -> None:
-    from . import cli_board, cli_cache, cli_reproduce
+    from . import cli_board, cli_cache, cli_reproduce, cli_selfcheck
 
     cli_board.register(app)
     cli_cache.register(app)
     cli_reproduce.register(app)
+    cli_selfcheck.register(app)
 
 
 _register_subcommands()
