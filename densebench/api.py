@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import os
+import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
 
-from .benchmark_table import BenchmarkSpec, benchmarks, get_benchmark
+from .benchmark_table import BenchmarkSpec, benchmarks, find_benchmark, select
 from .devices import resolve_device
 from .errors import ConfigError, DataError, ResultError, choices_message
+from .options import option_text
 from .features import FeatureCache
 from .paths import cache_dir as resolve_cache_dir
 from .paths import data_home, slug
@@ -115,7 +118,7 @@ def select_benchmarks(names: list[str] | str | None, data_root: Path) -> list[Be
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if names:
-        return [get_benchmark(n) for n in names]
+        return select(names)
     present = set(available(data_root))
     chosen = [b for b in benchmarks() if b.dataset.name in present]
     if not chosen:
@@ -256,28 +259,67 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
     return results
 
 
+def run_folder(out_root: str | Path, model: str, stamp: str) -> Path:
+    """``<out>/<model>/<timestamp>/``: the one layout of every run (a fresh folder, never an old one)."""
+    base = Path(out_root) / slug(model)
+    folder, n = base / stamp, 1
+    while folder.exists():
+        n += 1
+        folder = base / f"{stamp}-{n}"
+    return folder
+
+
+def timestamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def write_run_summary(folder: str | Path, results: list[Result], *, device: str, notes: list[str] = ()) -> Path:
+    """``summary.json`` beside a run's result files: every headline metric, the command line, the environment."""
+    from . import __version__
+    from .results import atomic_write_text, environment
+
+    rows = []
+    for r in results:
+        spec = find_benchmark(r.benchmark)
+        rows.append({"benchmark": r.benchmark, "model": r.model_name, "main_metric": spec.main_metric if spec else None,
+                     "score": r.main_score, "file": f"{r.benchmark}.json",
+                     "headline": {m: r.metrics.get(m) for m in (spec.headline_metrics if spec else ())},
+                     "synthetic": bool(r.provenance["dataset"].get("synthetic"))})
+    summary = {"densebench_version": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+               "command": list(sys.argv), "device": device, "environment": environment(device),
+               "notes": list(notes), "results": rows}
+    return atomic_write_text(Path(folder) / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+
+
 def embedded_default(out_dir: str | Path = "densebench-results", *, cache_dir: str | Path | None = None,
                      device: str = "cpu", progress: bool = True, models=DEFAULT_MODELS,
-                     on_result=None) -> tuple[Path, list[Result]]:
-    """`densebench run` with no arguments: every benchmark on the synthetic suite with the offline encoders.
+                     benchmark_names: list[str] | str | None = None, on_result=None) -> tuple[list[Path], list[Result]]:
+    """`densebench run` with no ``--model``: the built-in offline encoders on the synthetic suite, every benchmark
+    (or ``benchmark_names``), each with its reduced embedded-default settings (``BenchmarkSpec.synthetic``).
 
-    Results go to a fresh timestamped folder under ``out_dir`` so repeated runs never overwrite anything.
+    Results go to ``<out_dir>/<model>/<timestamp>/`` (fresh folders) with a ``summary.json`` each.
     """
     from .data.synth import ensure_synthetic_suite
 
     cache_root = resolve_cache_dir(cache_dir)
     suite = ensure_synthetic_suite(cache_root)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(out_dir) / stamp
-    n = 1
-    while run_dir.exists():
-        n += 1
-        run_dir = Path(out_dir) / f"{stamp}-{n}"
-    results = []
-    jobs = [(model, b) for model in models for b in benchmarks()]
+    specs = select_benchmarks(benchmark_names, suite) if benchmark_names else benchmarks()
+    stamp = timestamp()
+    folders = {model: run_folder(out_dir, model, stamp) for model in models}
+    results: list[Result] = []
+    jobs = [(model, b) for model in models for b in specs]
     for i, (model, b) in enumerate(jobs):
         with progress_job(f"job {i + 1}/{len(jobs)}"):
             results += evaluate(model, benchmarks=[b.name], data_root=suite, device=device, cache_dir=cache_root,
-                                output=run_dir / slug(model) / f"{b.name}.json", progress=progress,
+                                output=folders[model] / f"{b.name}.json", progress=progress,
                                 options=dict(b.synthetic), on_result=on_result)
-    return run_dir, results
+    for model, folder in folders.items():
+        write_run_summary(folder, [r for r in results if r.model_name == model], device=device,
+                          notes=reduced_settings_notes(specs))
+    return list(folders.values()), results
+
+
+def reduced_settings_notes(specs: list[BenchmarkSpec]) -> list[str]:
+    """What the embedded default changes from the published protocols, one line per benchmark."""
+    return [f"{s.name}: " + ", ".join(f"{k}={option_text(v)}" for k, v in s.synthetic.items())
+            for s in specs if s.synthetic]

@@ -205,6 +205,30 @@ def get_benchmark(name: str) -> BenchmarkSpec:
     return BENCHMARKS[name]
 
 
+def select(names: Iterable[str]) -> list[BenchmarkSpec]:
+    """Benchmarks by name or group, in table order without repeats. A group is ``all``, a protocol
+    (``incontext``, ``linear``, ``overcluster``, ``correspondence``, ``davis``) or a dataset family (``voc``,
+    ``ade20k``, ``coco-things``, ``coco-stuff``, ``spair``, ``davis``)."""
+    chosen: set[str] = set()
+    for name in names:
+        if name in BENCHMARKS:
+            chosen.add(name)
+            continue
+        group = {s.name for s in BENCHMARKS.values()
+                 if name in ("all", s.protocol_name, s.dataset.name)}
+        if not group:
+            accepted = [*BENCHMARKS, "all", *groups()]
+            raise ConfigError(choices_message("benchmark or group", name, accepted))
+        chosen |= group
+    return [s for s in BENCHMARKS.values() if s.name in chosen]
+
+
+def groups() -> list[str]:
+    """The group names :func:`select` accepts besides ``all``: protocols, then dataset families."""
+    names = [s.protocol_name for s in BENCHMARKS.values()] + [s.dataset.name for s in BENCHMARKS.values()]
+    return list(dict.fromkeys(names))
+
+
 def find_benchmark(name: str) -> BenchmarkSpec | None:
     """The spec, or None for a benchmark this densebench does not know (e.g. in an older leaderboard)."""
     return BENCHMARKS.get(name)

@@ -6,6 +6,7 @@ User errors (DenseBenchError) print one message with its fix and exit with code 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -83,7 +84,9 @@ def _print_results(rows: list[tuple[str, dict, Path | None]]) -> None:
                       Col("time_s", "time (s)", "secondary"), Col("file", role="secondary")],
          "table", title="densebench results")
     folders = sorted({str(Path(p).parent) for _, _, p in rows if p})
-    if folders and len(folders) <= 3:
+    if len(folders) > 3:
+        folders = [os.path.commonpath(folders)]
+    if folders:
         out.print("results written to " + ", ".join(f"[bold]{escape(f)}/[/]" for f in folders))
 
 
@@ -152,7 +155,7 @@ def run(
                                             "holding several (default $DENSEBENCH_DATA)."),
     input_size: int | None = typer.Option(None, "--input-size", help="Input side in pixels (default: the "
                                              "protocol's published size)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present, recorded), cpu, cuda or cuda:N."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward batch."),
     seed: int | None = typer.Option(None, "--seed", help="Protocol seed (augmentations, sampling)."),
     num_workers: int | None = typer.Option(None, "--num-workers", help="DataLoader workers."),
@@ -191,30 +194,46 @@ def run(
         norm = feature_norm.lower() == "on"
     common = {"input_size": input_size, "batch_size": batch_size, "seed": seed, "num_workers": num_workers,
               "protocol": protocol}
+    device = api.resolve_device(device)
     if model is None:
         if (data_root or weights or extra or verify_data or pos_interp != "auto"
                 or any(v is not None for v in common.values())):
-            raise ConfigError("--model is required when other options are given",
-                              hint="`densebench run` with no arguments runs the embedded default; "
-                                   "otherwise name the model, e.g. --model dinov2_vits14")
+            raise ConfigError("--model is required when options other than --benchmark are given",
+                              hint="`densebench run` without --model runs the embedded default (built-in models "
+                                   "on the synthetic suite); otherwise name the model, e.g. --model dinov2_vits14")
         rows = []
-        run_dir, results = api.embedded_default(output or "densebench-results", cache_dir=cache_dir,
-                                                device=api.resolve_device(device), progress=not quiet,
+        folders, results = api.embedded_default(output or "densebench-results", cache_dir=cache_dir, device=device,
+                                                progress=not quiet, benchmark_names=benchmark,
                                                 on_result=lambda b, r, p: rows.append((r["model"]["name"], r, p)))
         _print_results(rows)
         _print_comparison(results)
-        out.print(f"results written under [bold]{escape(str(run_dir))}[/]")
+        from .benchmark_table import get_benchmark
+
+        notes = api.reduced_settings_notes([get_benchmark(n) for n in dict.fromkeys(r.benchmark for r in results)])
+        if notes:
+            out.print("reduced settings of the embedded default (not the published protocols):", highlight=False)
+            for line in notes:
+                out.print("  " + line, markup=False, highlight=False, soft_wrap=True)
         return
-    if output is None:  # results are data: never only printed
-        import datetime as _dt
-        output = Path("densebench-results") / slug(model) / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    rows = []
+    models = [m.strip() for m in model.split(",") if m.strip()] if not Path(model).exists() else [model]
+    if len(models) > 1 and weights:
+        raise ConfigError("--weights applies to one model; several were given with --model",
+                          hint="run each model with its own --weights")
+    stamp = api.timestamp()
     opts = {**common, **extra}
-    api.evaluate(model, weights=weights, benchmarks=benchmark, data_root=data_root, device=device,
-                 cache_dir=cache_dir, use_cache=not no_cache, output=output, overwrite=overwrite,
-                 progress=not quiet, layer=layer, feature_norm=norm, options=opts, verify_data=verify_data,
-                 pos_interp=pos_interp, on_result=lambda b, r, p: rows.append((model, r, p)))
-    _print_results(rows)
+    for name in models:
+        # results are data, never only printed: <out>/<model>/<timestamp>/ unless -o names the place
+        folder = (Path(output) / slug(name) if output is not None and len(models) > 1 else output)
+        folder = folder if folder is not None else api.run_folder("densebench-results", name, stamp)
+        rows = []
+        results = api.evaluate(name, weights=weights, benchmarks=benchmark, data_root=data_root, device=device,
+                               cache_dir=cache_dir, use_cache=not no_cache, output=folder, overwrite=overwrite,
+                               progress=not quiet, layer=layer, feature_norm=norm, options=opts,
+                               verify_data=verify_data, pos_interp=pos_interp,
+                               on_result=lambda b, r, p, rows=rows, name=name: rows.append((name, r, p)))
+        _print_results(rows)
+        if Path(folder).suffix != ".json":
+            api.write_run_summary(folder, results, device=device)
 
 
 FORMAT_HELP = "table (default), json, csv, markdown or plain (tab-separated)."

@@ -20,6 +20,7 @@ import os
 import platform
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -81,6 +82,27 @@ def git_hash() -> str | None:
         return None
 
 
+def git_dirty() -> bool | None:
+    """Whether the densebench checkout has uncommitted changes (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                             cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5)
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: str) -> dict[str, Any]:
     """Versions and hardware recorded in provenance."""
     import numpy
@@ -92,8 +114,7 @@ def environment(device: str) -> dict[str, Any]:
             versions[mod] = __import__(mod).__version__
         except Exception:
             versions[mod] = None
-    hardware = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                "torch_threads": torch.get_num_threads()}
+    hardware = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if device.startswith("cuda") and torch.cuda.is_available():
         hardware["gpu"] = torch.cuda.get_device_name(torch.device(device))
         hardware["cuda"] = torch.version.cuda
@@ -206,6 +227,8 @@ def make_result(*, benchmark: str, model: dict, config: Any, metrics: dict, devi
         "provenance": jsonable({
             "densebench_version": __version__,
             "git_hash": git_hash(),
+            "git_dirty": git_dirty(),
+            "command": list(sys.argv),
             "versions": env["versions"],
             "device": device,
             "hardware": env["hardware"],

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from densebench.cli import main
+from densebench.errors import ConfigError
 from densebench.results import read_result
 
 SMALL = ["--input-size", "64", "--augment-epochs", "1", "--quiet"]
@@ -184,3 +185,38 @@ def test_feature_norm_flag_reaches_encoder_and_protocols(synth_root, tmp_path, c
                             "--output", str(out2)], capsys)
     assert code == 0, err
     assert read_result(out2)["config"]["feature_norm"] is True
+
+
+def test_benchmark_groups_expand_in_table_order():
+    from densebench.benchmark_table import groups, select
+
+    assert [s.name for s in select(["linear"])] == ["voc-linear", "ade20k-linear", "coco-things-linear",
+                                                     "coco-stuff-linear"]
+    assert [s.name for s in select(["voc"])] == ["voc-incontext", "voc-linear", "voc-overcluster"]
+    assert [s.name for s in select(["voc-linear", "linear", "voc"])][:2] == ["voc-incontext", "voc-linear"]
+    assert len(select(["all"])) == len(select(groups()))
+    with pytest.raises(ConfigError, match="unknown benchmark or group 'lineer'"):
+        select(["lineer"])
+
+
+def test_several_models_write_one_folder_each_with_a_summary(synth_root, tmp_path, capsys):
+    code, out, err = run_cli(["run", "--model", "pixels,random:vit_tiny_patch16_224", "--benchmark", "voc-incontext",
+                              "--data-root", str(synth_root), *SMALL, "--output", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    for model in ("pixels", "random_vit_tiny_patch16_224"):
+        folder = tmp_path / "out" / model
+        result = read_result(folder / "voc-incontext.json")
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["results"][0]["score"] == result.main_score and summary["command"][0]
+        assert result["provenance"]["command"] and "git_dirty" in result["provenance"]
+
+
+def test_benchmark_without_model_runs_the_builtin_models_on_just_those(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["run", "-b", "spair-correspondence", "--quiet"], capsys)
+    assert code == 0, err
+    written = sorted(p.relative_to(tmp_path / "densebench-results").parts[0]
+                     for p in (tmp_path / "densebench-results").glob("*/*/spair-correspondence.json"))
+    assert written == ["pixels", "random_vit_small_patch16_224"]
+    assert not list((tmp_path / "densebench-results").glob("*/*/voc-incontext.json"))
+    assert "reduced settings of the embedded default" in out and "spair-correspondence: input_size=224" in out
