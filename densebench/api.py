@@ -198,7 +198,10 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
              pos_interp: str = "auto", **more_options: Any) -> list[Result]:
     """Evaluate one encoder on one or more benchmarks; features are extracted once and shared via the cache.
 
-    ``model`` is a model string (see ``densebench list models``) or a DenseEncoder. Protocol options
+    ``model`` is a model string (see ``densebench list models``), a DenseEncoder, or any ``nn.Module`` (a timm
+    ViT, or a ViT-like module with ``get_intermediate_layers`` / ``forward_features``), fingerprinted from its
+    weights. A DenseEncoder's own fingerprint is checked against a hash of its weights (up to 2 GB of them): when
+    they differ, the hash joins the cache key, so two sets of weights never share cached features. Protocol options
     (``input_size=``, ``memory_size=``, ...) go in ``options`` or as keyword arguments; each applies to
     the selected protocols that define it. ``output`` is a .json file (one benchmark) or a directory.
     ``verify_data``: dataset manifests (cache keys, the recorded ``manifest_hash``) hash the files' contents
@@ -209,7 +212,7 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
     selected benchmarks of the protocol that has it.
     """
     from .encoders import POS_INTERP_CHOICES, load_encoder
-    from .encoders.base import DenseEncoder
+    from .encoders.plugin import adopt_encoder
 
     if pos_interp not in POS_INTERP_CHOICES:
         raise ConfigError(choices_message("--pos-interp", pos_interp, POS_INTERP_CHOICES),
@@ -237,13 +240,15 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
     if cache_root is not None:
         check_writable_folder(cache_root, what="feature cache", hint="pass --cache-dir DIR on a writable disk "
                               "(or set $DENSEBENCH_CACHE), or run with --no-cache")
-    if isinstance(model, DenseEncoder):
-        encoder = model
-    else:
+    if isinstance(model, str):
         kw = {} if layer is None else {"layer": layer}
         if feature_norm is not None:
             kw["norm"] = feature_norm
         encoder = load_encoder(model, weights=weights, **kw)
+    else:
+        if weights is not None:
+            raise ConfigError("--weights applies to a model string; load the weights into the module yourself")
+        encoder = adopt_encoder(model, layer=layer, norm=feature_norm)
     cache = FeatureCache(cache_root)
     results = []
     for i, b in enumerate(benches):

@@ -7,8 +7,10 @@ import json
 import math
 
 import pytest
+import torch
 
 import densebench
+import densebench.errors as densebench_errors
 from densebench import benchmark_table
 from densebench.benchmark_table import BenchmarkSpec, BenchmarkTable, benchmarks, get_benchmark
 from densebench.encoders import load_encoder
@@ -179,3 +181,36 @@ def test_results_table_has_one_row_per_result(table_results):
         assert row[row["main_metric"]] == r.main_score
     pivot = df.pivot_table(index="model", columns="benchmark", values="score")
     assert pivot.shape == (1, len(results))
+
+
+def test_evaluate_accepts_a_timm_module_fingerprinted_from_its_weights(synth_root, tmp_path):
+    import timm
+
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=2)
+    opts = {"input_size": 64, "augment_epochs": 1}
+    first = densebench.evaluate(net, benchmarks="voc-incontext", data_root=synth_root, cache_dir=tmp_path,
+                                progress=False, options=opts)[0]
+    assert first.model["fingerprint"].startswith("sha256:") and first.model_name == "VisionTransformer"
+    with torch.no_grad():
+        net.blocks[0].mlp.fc1.weight.add_(1.0)        # other weights: another fingerprint, no cache reuse
+    second = densebench.evaluate(net, benchmarks="voc-incontext", data_root=synth_root, cache_dir=tmp_path,
+                                 progress=False, options=opts)[0]
+    assert second.model["fingerprint"] != first.model["fingerprint"]
+    assert second.provenance["cache"]["images_forwarded"] > 0
+
+
+def test_a_caller_fingerprint_that_collides_never_reuses_other_weights(synth_root, tmp_path):
+    opts = {"input_size": 64, "augment_epochs": 1}
+    a, b = load_encoder("random:vit_tiny_patch16_224"), load_encoder("random:vit_tiny_patch16_224", seed=1)
+    a.fingerprint = b.fingerprint = "my-model-v1"       # the same caller-chosen name for different weights
+    ra = densebench.evaluate(a, benchmarks="voc-incontext", data_root=synth_root, cache_dir=tmp_path,
+                             progress=False, options=opts)[0]
+    rb = densebench.evaluate(b, benchmarks="voc-incontext", data_root=synth_root, cache_dir=tmp_path,
+                             progress=False, options=opts)[0]
+    assert rb.provenance["cache"]["images_forwarded"] == ra.provenance["cache"]["images_forwarded"] > 0
+    assert a.weights_hash and b.weights_hash and a.weights_hash != b.weights_hash
+
+
+def test_evaluate_refuses_what_is_not_a_model():
+    with pytest.raises(densebench_errors.ModelError, match="cannot evaluate a dict"):
+        densebench.evaluate({"not": "a model"}, benchmarks="voc-incontext", data_root=".")

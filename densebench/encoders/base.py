@@ -52,6 +52,9 @@ class DenseEncoder(nn.Module, abc.ABC):
     fingerprint: str
     name: str
     native_size: int | None = None
+    #: Set by densebench.evaluate for an encoder object whose caller-chosen fingerprint is not a hash of its
+    #: weights: the weights' sha256 then joins the cache key, so two weight sets never share features.
+    weights_hash: str | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -87,13 +90,16 @@ class DenseEncoder(nn.Module, abc.ABC):
 
     def feature_key(self, layer: int | None = None, norm: bool | None = None) -> dict[str, Any]:
         """What identifies the features this encoder produces: part of every cache key."""
-        return {
+        key = {
             "fingerprint": self.fingerprint,
             "layer": self.layer if layer is None else layer,
             "norm": self.norm if norm is None else norm,
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        if self.weights_hash is not None:   # a caller-chosen fingerprint, checked against the weights
+            key["weights_hash"] = self.weights_hash
+        return key
 
     def describe(self) -> dict[str, Any]:
         """The model block recorded in every result."""

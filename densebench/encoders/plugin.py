@@ -170,8 +170,42 @@ def load_plugin(spec: str, *, weights: str | Path | None, layer: int, norm: bool
             sd, container = unwrap_container(read_checkpoint(weights), Path(weights))
             info = {"weights_path": str(weights), "weights_container": container or None}
         load_strict(obj, sd, source=str(weights), arch=spec)
-    fingerprint = fingerprint_state_dict(obj.state_dict(), arch=f"plugin:{spec}", config=model_kwargs)
+    return wrap_module(obj, name=spec, layer=layer, norm=norm, loader="plugin", identity=f"plugin:{spec}",
+                       config=model_kwargs, weights=info)
+
+
+#: Caller-supplied encoders up to this many bytes of weights are hashed to check their fingerprint (about
+#: 1 s per GB); larger ones keep their fingerprint as given (documented).
+CHECK_WEIGHTS_UP_TO = 2 << 30
+
+
+def adopt_encoder(model: Any, *, layer: int | None = None, norm: bool | None = None) -> DenseEncoder:
+    """The encoder for an object a caller passes to ``densebench.evaluate``: a DenseEncoder as it is (its
+    fingerprint checked against a hash of its weights when they are at most CHECK_WEIGHTS_UP_TO bytes), any
+    other ``nn.Module`` wrapped by :func:`wrap_module`."""
+    if isinstance(model, DenseEncoder):
+        tensors = list(model.state_dict().values())
+        if tensors and sum(t.numel() * t.element_size() for t in tensors) <= CHECK_WEIGHTS_UP_TO:
+            digest = fingerprint_state_dict(model.state_dict(), arch=f"{type(model).__module__}.{type(model).__name__}")
+            model.weights_hash = None if model.fingerprint == digest else digest
+        return model
+    if isinstance(model, nn.Module):
+        kw = {k: v for k, v in (("layer", layer), ("norm", norm)) if v is not None}
+        return wrap_module(model, **kw)
+    raise ModelError(f"cannot evaluate a {type(model).__name__}: pass a model string (see `densebench list models`), "
+                     "a DenseEncoder or an nn.Module (a timm ViT, or a module with get_intermediate_layers / "
+                     "forward_features)")
+
+
+def wrap_module(obj: nn.Module, *, name: str | None = None, layer: int = -1, norm: bool = True,
+                loader: str = "module", identity: str | None = None, config: dict[str, Any] | None = None,
+                weights: dict[str, Any] | None = None) -> DenseEncoder:
+    """Any ``nn.Module`` as a DenseEncoder (a timm ViT, or a ViT-like module with ``get_intermediate_layers``
+    or ``forward_features``), fingerprinted from its weights: a sha256 of the state dict plus its class."""
+    cls = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    name = name or type(obj).__name__
+    fingerprint = fingerprint_state_dict(obj.state_dict(), arch=identity or f"module:{cls}", config=config)
     if is_timm_vit(obj):
-        return TimmEncoder(obj, name=spec, fingerprint=fingerprint, layer=layer, norm=norm, loader="plugin",
-                           arch=spec, weights=info, extra={"plugin": spec})
-    return ModuleEncoder(obj, name=spec, fingerprint=fingerprint, layer=layer, norm=norm, weights=info)
+        return TimmEncoder(obj, name=name, fingerprint=fingerprint, layer=layer, norm=norm, loader=loader,
+                           arch=identity or cls, weights=weights, extra={loader: identity or cls})
+    return ModuleEncoder(obj, name=name, fingerprint=fingerprint, layer=layer, norm=norm, weights=weights)
