@@ -750,3 +750,23 @@ def test_selfpatch_refuses_a_student_only_or_foreign_checkpoint_and_says_where_t
     assert "--weights" in err.value.hint and "selfpatch_vits16.pth" in err.value.hint
     row = next(r for r in list_models() if r["name"] == "selfpatch_vits16")
     assert row["method"] == "SelfPatch" and row["offline"] is False and "alinlab/SelfPatch" in row["source"]
+
+
+def test_without_network_the_hub_is_not_retried(tmp_path, monkeypatch):
+    """An unreachable Hugging Face host is detected with one short connection attempt, not ~25 s of retries."""
+    import huggingface_hub
+
+    from densebench.encoders import weights as w
+
+    monkeypatch.delenv("DENSEBENCH_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(w, "download_url", lambda *a, **k: (_ for _ in ()).throw(OSError("no route to host")))
+    monkeypatch.setattr(w, "reachable", lambda url, timeout=3.0: "huggingface.co is unreachable (test)")
+    source = w.WeightSource("x.pth", url="https://example.invalid/x.pth", hf_repo="timm/x", hf_filename="m.bin")
+    with pytest.raises(ModelError, match="huggingface.co is unreachable.*DENSEBENCH_OFFLINE=1"):
+        w.fetch(source, what="x")
+    assert calls == []

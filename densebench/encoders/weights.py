@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +96,22 @@ def download_url(url: str, dest: Path, *, timeout: float = DOWNLOAD_TIMEOUT) -> 
     return dest
 
 
+def reachable(url: str, timeout: float = 3.0) -> str | None:
+    """None when ``url``'s host answers a TCP connection within ``timeout`` seconds, else why not.
+
+    Checked before a download so that a machine without network fails in seconds instead of sitting
+    through a client's retries (huggingface_hub retries for about 25 s)."""
+    parsed = urllib.parse.urlparse(url)
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    if not host:
+        return f"no host in {url}"
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{host} is unreachable ({e.strerror or e})"
+
+
 def fetch(source: WeightSource, *, what: str) -> Path:
     """The local path of ``source``'s file: cached, else downloaded (online only), else a ModelError."""
     found = source.find_local()
@@ -108,7 +126,11 @@ def fetch(source: WeightSource, *, what: str) -> Path:
             return download_url(source.url, source.local_path())
         except (urllib.error.URLError, OSError, ValueError) as e:  # URLError, timeouts, HTTP errors, disk
             errors.append(f"{source.url}: {e}")
-    if source.hf_repo and source.hf_filename:
+    hub_down = reachable("https://huggingface.co") if source.hf_repo and source.hf_filename else None
+    if hub_down:
+        errors.append(f"hf://{source.hf_repo}/{source.hf_filename}: {hub_down} (no network? set "
+                      "DENSEBENCH_OFFLINE=1 to skip downloads)")
+    elif source.hf_repo and source.hf_filename:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
         try:
