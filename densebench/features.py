@@ -28,6 +28,7 @@ The cache itself (checksums, resumable shards, per-entry locks, housekeeping) li
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -358,6 +359,12 @@ class _Engine:
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    def encoder_key(self) -> dict:
+        """The encoder's feature key plus how the forward computes: fp16 autocast on CUDA, fp32 on the CPU
+        give slightly different features, so a CPU run never reuses a GPU run's entry (or the reverse)."""
+        compute = "cuda-fp16-autocast" if self.cuda else "fp32"
+        return {**self.encoder.feature_key(self.layer, self.norm), "compute": compute}
+
     def info(self, **more) -> dict:
         return {"model": getattr(self.encoder, "name", None), "dataset": getattr(self.dataset, "name", None),
                 "split": getattr(self.dataset, "split", None), "desc": self.desc, "n_views": len(self.dataset),
@@ -434,12 +441,13 @@ class _Engine:
             if self.cuda:
                 self.encoder.to(memory_format=torch.channels_last)
         sink = _Sink(writer, reduce, n, self.stats, device_side)
-        try:
-            for images, masks, indices in batches:
-                feats, timing = self._forward(images, finish) if forward else (None, None)
-                sink.put(feats, masks, indices, timing, release=images)
-                del images, masks, feats
-                advance(len(indices))
+        try:   # on the extraction's GPU: events and streams are those of the current device
+            with torch.cuda.device(self.device) if device_side else contextlib.nullcontext():
+                for images, masks, indices in batches:
+                    feats, timing = self._forward(images, finish) if forward else (None, None)
+                    sink.put(feats, masks, indices, timing, release=images)
+                    del images, masks, feats
+                    advance(len(indices))
         finally:
             sink.close()
 
@@ -506,7 +514,7 @@ def extract(encoder, dataset, view: View, *, key_parts: dict[str, Any] | None = 
         key_parts["view"] = view.describe()
     if "reduce" not in key_parts:
         key_parts["reduce"] = "full-f16" if reducer is None else reducer.describe()
-    parts = {"encoder": encoder.feature_key(layer, norm),
+    parts = {"encoder": eng.encoder_key(),
              "dataset": {"name": dataset.name, "split": dataset.split, "manifest": dataset.manifest_hash()},
              **key_parts}
     make = _WholeItem(dataset, view, finish_here=not eng.cuda)
@@ -531,7 +539,7 @@ def _extract_split(eng: _Engine, extra: dict) -> dict[str, np.ndarray]:
         return out
 
     masks, masks_computed = eng.entry(mask_parts, eng.info(model="(masks)", view=f"{kind}/masks"), build_masks)
-    feat_parts = {"entry": "image-features", "encoder": eng.encoder.feature_key(eng.layer, eng.norm),
+    feat_parts = {"entry": "image-features", "encoder": eng.encoder_key(),
                   "images": {"manifest": image_manifest(ds), "n": len(ds)}, "view": view.describe_image(),
                   "reduce": "full-f16", **extra}
     make = _ImagePart(ds, view, finish_here=not eng.cuda)

@@ -21,6 +21,7 @@ last step, moves to the device. Resizing stays in float: a uint8 resize would ro
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import asdict, dataclass
@@ -65,10 +66,16 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return TF.pil_to_tensor(image).float().div_(255.0)
 
 
+@functools.lru_cache(maxsize=64)
+def _channel_values(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # made once per device: building a CUDA tensor from a list copies from pageable memory and waits
+    return torch.tensor(values, dtype=dtype, device=device).view(3, 1, 1)
+
+
 def normalise(img: torch.Tensor, mean, std) -> torch.Tensor:
     """(img - mean) / std per channel, for (3, H, W) images and (B, 3, H, W) batches on any device."""
-    m = torch.tensor(mean, dtype=img.dtype, device=img.device).view(3, 1, 1)
-    s = torch.tensor(std, dtype=img.dtype, device=img.device).view(3, 1, 1)
+    m = _channel_values(tuple(float(v) for v in mean), img.dtype, img.device)
+    s = _channel_values(tuple(float(v) for v in std), img.dtype, img.device)
     return torch.sub(img, m).div_(s)
 
 
@@ -218,7 +225,9 @@ def random_resized_crop_params(g: torch.Generator, height: int, width: int, scal
 
 
 def _fields(view, drop: tuple[str, ...] = ()) -> dict:
-    return {k: v for k, v in asdict(view).items() if k not in drop}
+    """The view's fields but ``drop``; a field named ``view`` (LinearTrainView's draw) becomes ``draw``, so that
+    ``view`` stays the kind of view (``{"view": "linear-train", **_fields(v)}``)."""
+    return {("draw" if k == "view" else k): v for k, v in asdict(view).items() if k not in drop}
 
 
 def _as_tensor(mask: np.ndarray) -> torch.Tensor:
@@ -314,7 +323,7 @@ class HummingbirdTrainView:
 
     def describe_mask(self) -> dict:
         # the jitter factors do not move the crop: each op consumes the same draws whatever its range
-        return {"view": "hbird-train", **_fields(self, ("mean", "std", "jitter"))}
+        return {"view": "hbird-train", **_fields(self, ("mean", "std", "jitter", "hue"))}
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 
 from densebench.data import open_dataset
 from densebench.encoders import load_encoder
@@ -73,3 +74,16 @@ def test_a_change_the_features_depend_on_misses(voc_val, tmp_path, change):
     assert changed.cache_misses == 1 and changed.cache_hits == 0, change
     assert changed.images_forwarded == len(dataset), change
     assert changed.entries != base.entries
+
+
+def test_the_compute_precision_is_part_of_the_key(voc_val, tmp_path):
+    """A CPU (fp32) run must not reuse features a CUDA (fp16 autocast) run cached, and the reverse."""
+    from densebench.features import _Engine
+
+    enc = load_encoder("random:vit_tiny_patch16_224")
+    common = dict(encoder=enc, dataset=voc_val, view=ResizeView(32), cache=None, batch_size=2, num_workers=0,
+                  layer=None, norm=None, desc="", progress=False, stats=ExtractionStats())
+    cpu = _Engine(device=torch.device("cpu"), **common).encoder_key()
+    gpu = _Engine(device=torch.device("cuda"), **common).encoder_key()
+    assert cpu["compute"] == "fp32" and gpu["compute"] == "cuda-fp16-autocast"
+    assert {k: v for k, v in cpu.items() if k != "compute"} == {k: v for k, v in gpu.items() if k != "compute"}

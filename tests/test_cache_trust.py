@@ -187,6 +187,26 @@ def test_damaged_entry_is_reported_once_discarded_and_rebuilt(tmp_path, caplog, 
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["features-bit-flip", "masks-truncated", "features-broken-meta"])
+def test_damage_to_either_entry_of_a_split_extraction_is_rebuilt(tmp_path, caplog, damage):
+    """Image features and masks are two entries (tests/test_cache_sharing.py): each is checked on its own."""
+    write_file_seg(tmp_path / "data")
+    ds, cache = open_file_seg(tmp_path / "data"), FeatureCache(tmp_path / "cache")
+    first, s1 = run(ds, cache)
+    assert s1.images_forwarded == 4 and s1.masks_read == 4 and len(entry_dirs(tmp_path / "cache")) == 2
+    kind, what = damage.split("-", 1)
+    [d] = [d for d in entry_dirs(tmp_path / "cache")
+           if (json.loads((d / "meta.json").read_text())["info"]["model"] == "(masks)") == (kind == "masks")]
+    DAMAGE[{"bit-flip": "bit-flip-same-mtime", "truncated": "truncated", "broken-meta": "broken-meta"}[what]](d)
+    with caplog.at_level(logging.WARNING, logger="densebench.cache"):
+        again, s2 = run(open_file_seg(tmp_path / "data"), FeatureCache(tmp_path / "cache"))
+    assert len([r for r in caplog.records if "damaged" in r.getMessage()]) == 1
+    assert s2.entries_rebuilt == 1
+    assert (s2.images_forwarded, s2.masks_read) == ((4, 0) if kind == "features" else (0, 4))
+    assert_same(again, first)
+    assert_same(again, run(open_file_seg(tmp_path / "data"), FeatureCache(None))[0])
+
+
 def test_same_cache_object_notices_damage_after_its_first_load(tmp_path, caplog):
     ds, cache = TinySeg(), FeatureCache(tmp_path)
     reference, _ = run(ds, cache)
@@ -410,7 +430,8 @@ def _spawn(script, root, out, n, delay, tag, sizes="16", barrier=()):
                              *barrier], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def test_sigkill_during_extraction_then_rerun_resumes_without_orphans(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_kill_during_extraction_then_rerun_resumes_without_orphans(tmp_path, sig):
     root, out = tmp_path / "cache", tmp_path / "out"
     out.mkdir()
     n = 12
@@ -429,11 +450,12 @@ def test_sigkill_during_extraction_then_rerun_resumes_without_orphans(tmp_path):
             time.sleep(0.02)
         assert proc.poll() is None, proc.stdout.read().decode()
         assert shards >= 2
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=60)
     finally:
         proc.kill()
         proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -sig
     assert not entry_dirs(root) and list((root / "features").glob("*/*.partial"))
 
     cache = FeatureCache(root, shard_images=2)

@@ -49,8 +49,9 @@ def ref_hbird(view: T.HummingbirdTrainView, index, image, mask):
         img = TF.adjust_contrast(img, T._uniform(g, 1 - j, 1 + j))
     if float(torch.rand((), generator=g)) < 0.5:
         img = TF.adjust_saturation(img, T._uniform(g, 1 - j, 1 + j))
+    h = j if view.hue is None else view.hue
     if float(torch.rand((), generator=g)) < 0.5:
-        img = TF.adjust_hue(img, T._uniform(g, -j, j))
+        img = TF.adjust_hue(img, T._uniform(g, -h, h))
     img = T.normalise(img, view.mean, view.std)
     m = torch.from_numpy(np.asarray(mask))
     top, left, h, w = T.random_resized_crop_params(g, img.shape[1], img.shape[2], view.scale, view.ratio)
@@ -94,6 +95,7 @@ def ref_square(view: T.SquarePadView, index, image, mask):
 VIEWS = [
     (T.HummingbirdTrainView(96, seed=3, epoch=0), ref_hbird),
     (T.HummingbirdTrainView(64, seed=0, epoch=1, jitter=0.4), ref_hbird),
+    (T.HummingbirdTrainView(64, seed=2, epoch=0, hue=0.5), ref_hbird),
     (T.LinearTrainView(80, 20, seed=1, view=2), ref_linear),
     (T.LinearTrainView(48, 48, seed=5, view=0, flip=False, scale=(0.3, 1.0)), ref_linear),
     (T.ResizeView(64), ref_resize),
@@ -259,3 +261,29 @@ def test_automatic_workers_are_resolved_recorded_and_change_no_metric(synth_root
     assert auto["config"]["num_workers"] == default_workers() >= 1
     assert none["config"]["num_workers"] == 0
     assert auto["metrics"] == none["metrics"]
+
+
+def test_an_error_on_the_writer_thread_stops_the_run_and_keeps_the_stored_batches(synth_root, tmp_path):
+    val = open_dataset("voc", synth_root, "val")
+    val = val.subset(val.ids[:10])
+    enc = load_encoder("random:vit_tiny_patch16_224")
+    red = MemoryReducer(16, 21, 255, "class0", 3, seed=0, epoch=0)
+    calls = []
+
+    def failing(feats, masks, indices):
+        calls.append(len(indices))            # the first call, with one view, sizes the entry before any forward
+        if calls.count(2) == 3:
+            raise RuntimeError("reducer failed on the third batch")
+        return red(feats, masks, indices)
+
+    failing.describe = red.describe
+    view = T.HummingbirdTrainView(32, seed=0, epoch=0)
+    with pytest.raises(RuntimeError, match="third batch"):
+        extract(enc, val, view, reducer=failing, cache=FeatureCache(tmp_path), batch_size=2, progress=False)
+    stats = ExtractionStats()
+    out = extract(enc, val, view, reducer=red, cache=FeatureCache(tmp_path), batch_size=2, progress=False,
+                  stats=stats)
+    assert stats.views_reused == 4 and stats.images_forwarded == 6, "the two stored batches are not forwarded again"
+    plain = extract(enc, val, view, reducer=red, cache=FeatureCache(None), batch_size=2, progress=False)
+    for name in ("keys", "labels"):
+        np.testing.assert_array_equal(np.asarray(out[name]), np.asarray(plain[name]))

@@ -247,8 +247,10 @@ def test_srun_without_torchrun_reads_slurm_variables(monkeypatch):
 
 def test_concurrent_loads_download_the_weights_once(tmp_path, monkeypatch):
     import huggingface_hub
+    import huggingface_hub.constants
     from safetensors.torch import save_file
 
+    from densebench.encoders import weights as weights_module
     from densebench.encoders.timm_encoder import create_timm_vit
     from neco_train.model import load_base
 
@@ -256,6 +258,7 @@ def test_concurrent_loads_download_the_weights_once(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(weights_module, "reachable", lambda url, timeout=3.0: None)   # a network, simulated
     weights = {k: v.contiguous() for k, v in create_timm_vit("vit_tiny_patch16_224", {"depth": 2}).state_dict().items()}
     downloads = []
 
