@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import SegmentationDataset, dataset_classes
+from .base import SegmentationDataset, with_own_classes
 from .ids import IdList, shipped_path, split_ids
 
 NUM_CLASSES = 151
@@ -42,9 +42,5 @@ def open_ade20k(root: Path, split: str, *, id_list: IdList = None) -> ADE20KData
     ids, synthetic, extra = split_ids(root, "ade20k", split, id_list, own_files=[root / "sets" / f"{split}.txt"],
                                       own_listing=(root / "images" / split, ".jpg"), published=published,
                                       hint="ADE20K splits are 'training' and 'validation'")
-    classes = dataset_classes(root, NUM_CLASSES, class_names, IGNORE_INDEX)
-    if classes.source:
-        extra["classes_source"] = classes.source
-    return ADE20KDataset(name="ade20k", split=split, root=root, ids=ids, num_classes=classes.num_classes,
-                         ignore_index=classes.ignore_index, class_names=classes.class_names, synthetic=synthetic,
-                         extra=extra)
+    return with_own_classes(ADE20KDataset, name="ade20k", root=root, split=split, ids=ids, synthetic=synthetic,
+                            extra=extra, num_classes=NUM_CLASSES, class_names=class_names, ignore_index=IGNORE_INDEX)

@@ -135,6 +135,16 @@ def dataset_classes(root: Path, num_classes: int, class_names, ignore_index: int
     return info
 
 
+def with_own_classes(cls: type, *, name: str, root: Path, split: str, ids: list[str], synthetic: bool, extra: dict,
+                     num_classes: int, class_names, ignore_index: int) -> SegmentationDataset:
+    """A split of ``cls`` with the classes :func:`dataset_classes` finds at ``root`` (recorded in ``extra``)."""
+    classes = dataset_classes(root, num_classes, class_names, ignore_index)
+    if classes.source:
+        extra["classes_source"] = classes.source
+    return cls(name=name, split=split, root=root, ids=ids, num_classes=classes.num_classes,
+               ignore_index=classes.ignore_index, class_names=classes.class_names, synthetic=synthetic, extra=extra)
+
+
 _REEXTRACT = "re-extract it from the official archive (the file is damaged or was cut short)"
 
 

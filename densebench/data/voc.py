@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..paths import read_id_list
-from .base import SegmentationDataset, dataset_classes
+from .base import SegmentationDataset, with_own_classes
 from .ids import IdList, shipped_path, split_ids
 
 NUM_CLASSES = 21
@@ -60,9 +60,5 @@ def open_voc(root: Path, split: str, *, id_list: IdList = None) -> VOCDataset:
     published = shipped_path("voc", f"{split}.txt") if split in SHIPPED_SPLITS else None
     ids, synthetic, extra = split_ids(root, "voc", split, id_list, own_files=[root / "sets" / f"{split}.txt"],
                                       published=published)
-    classes = dataset_classes(root, NUM_CLASSES, class_names, IGNORE_INDEX)
-    if classes.source:
-        extra["classes_source"] = classes.source
-    return VOCDataset(name="voc", split=split, root=root, ids=ids, num_classes=classes.num_classes,
-                      ignore_index=classes.ignore_index, class_names=classes.class_names, synthetic=synthetic,
-                      extra=extra)
+    return with_own_classes(VOCDataset, name="voc", root=root, split=split, ids=ids, synthetic=synthetic,
+                            extra=extra, num_classes=NUM_CLASSES, class_names=class_names, ignore_index=IGNORE_INDEX)
