@@ -41,7 +41,7 @@ def coerce_option(name: str, value: Any, annotation: Any) -> Any:
     optional = (origin in (typing.Union, types.UnionType)) and type(None) in args
     base = next((a for a in args if a is not type(None)), annotation) if optional else annotation
     low = value.strip().lower()
-    if optional and low in ("none", "all", "null", ""):
+    if optional and low in ("none", "all", "auto", "null", ""):
         return None
     try:
         if base is bool:

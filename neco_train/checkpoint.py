@@ -23,19 +23,22 @@ from typing import Any
 import torch
 
 from densebench.errors import ConfigError, ModelError
-from densebench.results import atomic_write_text
+from densebench.results import atomic_write_text, file_mode_for
 
 NECO_FORMAT = "densebench-neco-1"
 STATE_FORMAT = "neco-train-state-1"
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Binary counterpart of densebench's ``atomic_write_text``: ``write(tmp)``, fsync, rename."""
+    """Binary counterpart of densebench's ``atomic_write_text``: ``write(tmp)``, fsync, rename; the file gets
+    the same permission bits a text result would (the old file's, else the umask's; not mkstemp's 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = file_mode_for(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -294,3 +294,20 @@ def test_compile_does_not_recompile_every_step(images, tmp_path, monkeypatch):
         frames.append(counter.frame_count)
     assert frames[1] == frames[-1] <= 2, frames
     torch._dynamo.reset()
+
+
+def test_checkpoints_honour_the_umask_like_results(tmp_path):
+    import stat
+
+    from neco_train.checkpoint import _atomic_write
+
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "ckpt.safetensors"
+        _atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"x"))
+        assert stat.S_IMODE(target.stat().st_mode) == 0o644          # mkstemp alone would give 0600
+        os.chmod(target, 0o664)
+        _atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"y"))
+        assert stat.S_IMODE(target.stat().st_mode) == 0o664          # a rewritten file keeps its mode
+    finally:
+        os.umask(old)
