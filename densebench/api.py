@@ -21,6 +21,8 @@ from .options import option_text
 from .features import FeatureCache
 from .paths import cache_dir as resolve_cache_dir
 from .paths import data_home, slug
+from .precision import check_precision
+from .precision import precision as compute_precision
 from .progress import job as progress_job
 from .results import Result, check_writable_folder, write_result, write_result_elsewhere
 
@@ -195,7 +197,7 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
              use_cache: bool = True, output: str | Path | None = None, overwrite: bool = False,
              progress: bool = True, layer: int | None = None, feature_norm: bool | None = None,
              options: dict[str, Any] | None = None, on_result=None, verify_data: bool = False,
-             pos_interp: str = "auto", **more_options: Any) -> list[Result]:
+             pos_interp: str = "auto", precision: str = "auto", **more_options: Any) -> list[Result]:
     """Evaluate one encoder on one or more benchmarks; features are extracted once and shared via the cache.
 
     ``model`` is a model string (see ``densebench list models``), a DenseEncoder, or any ``nn.Module`` (a timm
@@ -208,12 +210,15 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
     instead of their size and mtime (reads all the data once; docs/cache.md). ``pos_interp``: how a timm ViT
     resamples its position embeddings, ``timm``, ``meta-offset`` or ``auto`` (per benchmark, the mode of the
     code behind its published rows); recorded in each result's model block and checked by the leaderboard.
+    ``precision``: ``auto`` (fp16 on CUDA, fp32 on the CPU), ``fp32``, ``tf32``, ``bf16`` or ``fp16`` for the
+    forward and the k-NN search (recorded in ``derived.precision``; part of the cache key).
     ``protocol=`` names a protocol version (``hbird-2.0``, ``hbird-1.1``, ``neco-leopart``); it applies to the
     selected benchmarks of the protocol that has it.
     """
     from .encoders import POS_INTERP_CHOICES, load_encoder
     from .encoders.plugin import adopt_encoder
 
+    check_precision(precision)
     if pos_interp not in POS_INTERP_CHOICES:
         raise ConfigError(choices_message("--pos-interp", pos_interp, POS_INTERP_CHOICES),
                           hint="leave it at auto for the choice of the code behind each benchmark's published rows")
@@ -253,7 +258,7 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
     results = []
     for i, b in enumerate(benches):
         label = f"{encoder.name} · {b.name}" + (f" · job {i + 1}/{len(benches)}" if len(benches) > 1 else "")
-        with progress_job(label), content_manifests(verify_data):
+        with progress_job(label), content_manifests(verify_data), compute_precision(precision):
             result = b.run(encoder, root, configs[b.name], device=device, cache=cache, progress=progress,
                            pos_interp=pos_interp)
         if paths[b.name] is not None:

@@ -168,6 +168,8 @@ def run(
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="Feature cache (default $DENSEBENCH_CACHE "
                                             "or the user cache dir)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
+    precision: str = typer.Option("auto", "--precision", help="auto (fp16 on CUDA, fp32 on the CPU), fp32 (as the "
+                                  "references), tf32, bf16 or fp16: forward and k-NN search; recorded."),
     verify_data: bool = typer.Option(False, "--verify-data", help="Identify the data by its contents (a hash of "
                                         "every image and mask) instead of size + mtime: reads all the data once."),
     protocol: str | None = typer.Option(None, "--protocol", help="Named protocol version: hbird-2.0 (default) or "
@@ -196,7 +198,7 @@ def run(
               "protocol": protocol}
     device = api.resolve_device(device)
     if model is None:
-        if (data_root or weights or extra or verify_data or pos_interp != "auto"
+        if (data_root or weights or extra or verify_data or pos_interp != "auto" or precision != "auto"
                 or any(v is not None for v in common.values())):
             raise ConfigError("--model is required when options other than --benchmark are given",
                               hint="`densebench run` without --model runs the embedded default (built-in models "
@@ -229,7 +231,7 @@ def run(
         results = api.evaluate(name, weights=weights, benchmarks=benchmark, data_root=data_root, device=device,
                                cache_dir=cache_dir, use_cache=not no_cache, output=folder, overwrite=overwrite,
                                progress=not quiet, layer=layer, feature_norm=norm, options=opts,
-                               verify_data=verify_data, pos_interp=pos_interp,
+                               verify_data=verify_data, pos_interp=pos_interp, precision=precision,
                                on_result=lambda b, r, p, rows=rows, name=name: rows.append((name, r, p)))
         _print_results(rows)
         if Path(folder).suffix != ".json":

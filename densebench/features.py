@@ -49,6 +49,7 @@ from .cache import (  # noqa: F401  (re-exported: the cache's public names)
     cache_key,
     estimate_entry_bytes,
 )
+from . import precision
 from .progress import progress_bar
 
 #: view(index, image, mask) -> (image tensor (3, H, W) normalised, mask tensor (H', W') uint8/long). The
@@ -360,10 +361,9 @@ class _Engine:
         return self.device.type == "cuda"
 
     def encoder_key(self) -> dict:
-        """The encoder's feature key plus how the forward computes: fp16 autocast on CUDA, fp32 on the CPU
-        give slightly different features, so a CPU run never reuses a GPU run's entry (or the reverse)."""
-        compute = "cuda-fp16-autocast" if self.cuda else "fp32"
-        return {**self.encoder.feature_key(self.layer, self.norm), "compute": compute}
+        """The encoder's feature key plus how the forward computes (``--precision``: fp16 autocast on CUDA and
+        fp32 on the CPU give slightly different features), so one never reuses the other's entry."""
+        return {**self.encoder.feature_key(self.layer, self.norm), "compute": precision.resolved(self.device.type)}
 
     def info(self, **more) -> dict:
         return {"model": getattr(self.encoder, "name", None), "dataset": getattr(self.dataset, "name", None),
@@ -461,7 +461,8 @@ class _Engine:
             timing[0].record()
         else:
             timing, t0 = None, time.perf_counter()
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cuda):
+        dtype = precision.autocast_dtype(self.device.type)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             feats = self.encoder(x, layer=self.layer, norm=self.norm).float()
         if timing is not None:
             timing[1].record()

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import precision
 from .devices import resolve_device
 from .errors import ConfigError, choices_message
 
@@ -292,7 +293,7 @@ def build_index(keys: torch.Tensor | np.ndarray, backend: str = "auto", device: 
         else:
             backend = "faiss" if faiss_available() else "torch"
     if backend == "torch":
-        use_fp16 = dev.type == "cuda" if fp16 is None else bool(fp16)
+        use_fp16 = precision.fp16_search(dev.type) if fp16 is None else bool(fp16)
         if use_fp16 and dev.type != "cuda":
             raise ConfigError("fp16 retrieval with the torch backend needs CUDA",
                               hint="drop the fp16 option on the CPU")

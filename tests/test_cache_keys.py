@@ -85,5 +85,9 @@ def test_the_compute_precision_is_part_of_the_key(voc_val, tmp_path):
                   layer=None, norm=None, desc="", progress=False, stats=ExtractionStats())
     cpu = _Engine(device=torch.device("cpu"), **common).encoder_key()
     gpu = _Engine(device=torch.device("cuda"), **common).encoder_key()
-    assert cpu["compute"] == "fp32" and gpu["compute"] == "cuda-fp16-autocast"
+    assert cpu["compute"] == "fp32" and gpu["compute"] == "fp16"
+    from densebench.precision import precision
+
+    with precision("bf16"):
+        assert _Engine(device=torch.device("cpu"), **common).encoder_key()["compute"] == "bf16"
     assert {k: v for k, v in cpu.items() if k != "compute"} == {k: v for k, v in gpu.items() if k != "compute"}

@@ -470,3 +470,22 @@ def test_cli_protocol_and_pos_interp_flags(voc_root, tmp_path, capsys):
     code, err = cli("run", "--model", "pixels", "--benchmark", "voc-incontext", "--data-root", str(voc_root),
                     "--pos-interp", "bilinear", "--quiet", "--output", str(tmp_path / "x.json"))
     assert code == 2 and "--pos-interp" in err and "Traceback" not in err
+
+
+def test_precision_is_applied_recorded_and_keyed(synth_root, tmp_path):
+    import densebench
+    from densebench.encoders import load_encoder
+    from densebench.errors import ConfigError
+
+    enc = load_encoder("random:vit_tiny_patch16_224")
+    opts = {"input_size": 64, "augment_epochs": 1}
+    fp32 = densebench.evaluate(enc, benchmarks="voc-incontext", data_root=synth_root, cache_dir=tmp_path,
+                               progress=False, options=opts)[0]
+    bf16 = densebench.evaluate(enc, benchmarks="voc-incontext", data_root=synth_root, cache_dir=tmp_path,
+                               progress=False, options=opts, precision="bf16")[0]
+    assert fp32["derived"]["precision"] == {"requested": "auto", "extraction": "fp32", "retrieval": "fp32"}
+    assert bf16["derived"]["precision"] == {"requested": "bf16", "extraction": "bf16", "retrieval": "fp32"}
+    # bf16 features are others: a cache miss, never the fp32 entry
+    assert bf16["provenance"]["cache"]["images_forwarded"] == fp32["provenance"]["cache"]["images_forwarded"] > 0
+    with pytest.raises(ConfigError, match="--precision"):
+        densebench.evaluate(enc, benchmarks="voc-incontext", data_root=synth_root, precision="int8")

@@ -16,7 +16,9 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+import torch
 
+from .. import precision
 from ..errors import ConfigError
 from ..features import ExtractionStats, FeatureCache, Reducer, View, default_workers, extract
 from ..results import Result, make_result
@@ -75,8 +77,9 @@ def run_protocol(protocol: ModuleType, encoder, data_root, config, *, device: st
     timings = {"extraction_s": ctx.stats.extraction_s, "forward_s": ctx.stats.forward_s,
                "protocol_s": t_done - t_extracted, **outcome.timings,
                "total_s": time.perf_counter() - ctx.t_start}
+    derived = {**outcome.derived, "precision": precision.record(torch.device(ctx.device).type)}
     return make_result(benchmark=benchmark, model=encoder.describe(), config=dataclasses.asdict(ctx.config),
-                       derived=outcome.derived, metrics=outcome.metrics, device=str(device), seeds=outcome.seeds,
+                       derived=derived, metrics=outcome.metrics, device=str(device), seeds=outcome.seeds,
                        timings=timings, dataset=outcome.dataset,
                        cache={**ctx.stats.as_dict(), "enabled": bool(cache is not None and cache.enabled)},
                        artifacts=outcome.artifacts or None)
