@@ -489,3 +489,12 @@ def test_precision_is_applied_recorded_and_keyed(synth_root, tmp_path):
     assert bf16["provenance"]["cache"]["images_forwarded"] == fp32["provenance"]["cache"]["images_forwarded"] > 0
     with pytest.raises(ConfigError, match="--precision"):
         densebench.evaluate(enc, benchmarks="voc-incontext", data_root=synth_root, precision="int8")
+
+
+def test_an_explicit_low_precision_is_non_standard():
+    from densebench.leaderboard.entries import precision_reasons
+
+    assert precision_reasons({"precision": {"requested": "auto"}}) == []
+    assert precision_reasons({"precision": {"requested": "fp32"}}) == []
+    assert precision_reasons({}) == []
+    assert precision_reasons({"precision": {"requested": "bf16"}}) == ["precision='bf16' (standard: auto or fp32)"]

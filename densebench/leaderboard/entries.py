@@ -88,12 +88,25 @@ def check_config(result) -> tuple[dict, dict, list[str]]:
     config.update(recorded)
     canonical.update(expected)
     reasons = config_differences(config, canonical, ignored)
+    reasons += precision_reasons(result.get("derived") or {})
     dataset = result["provenance"]["dataset"]
     reasons += dataset_reasons(dataset)
     if dataset.get("synthetic"):
         reasons.insert(0, "measured on synthetic data")
     return (semantic_config(config, canonical, ignored), semantic_config(canonical, canonical, ignored),
             reasons)
+
+
+#: Precisions a standard entry may have used: the references' fp32 and densebench's default (fp16 autocast on
+#: CUDA), whose effect is measured per benchmark (docs/precision.md); an explicit tf32/bf16/fp16 is marked.
+STANDARD_PRECISIONS = ("auto", "fp32")
+
+
+def precision_reasons(derived: dict) -> list[str]:
+    requested = (derived.get("precision") or {}).get("requested")
+    if requested is None or requested in STANDARD_PRECISIONS:
+        return []
+    return [f"precision={requested!r} (standard: {' or '.join(STANDARD_PRECISIONS)})"]
 
 
 def config_differences(config: dict, canonical: dict, ignored: Iterable[str]) -> list[str]:
