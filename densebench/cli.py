@@ -340,7 +340,7 @@ def data_prepare(name: str = typer.Argument(..., help="voc, ade20k, coco-things,
     if name not in FAMILIES:
         raise ConfigError(choices_message("dataset", name, FAMILIES))
     if root is None:
-        out.print(prepare_instructions(name), markup=False, highlight=False)
+        out.print(prepare_instructions(name), markup=False, highlight=False, soft_wrap=True)  # URLs stay whole
         return
     if not name.startswith("coco"):
         raise ConfigError(f"--root is only used by the COCO families; {name} needs no preparation step here",
