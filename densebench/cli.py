@@ -149,7 +149,8 @@ def run(
                                         "neco:<ckpt>, or pkg.module:factory (runs that code!)."),
     weights: str | None = typer.Option(None, "--weights", help="Local weights (.pth/.ckpt/.safetensors) in "
                                           "timm, Meta DINO/DINOv2 or NeCo format; loaded strictly."),
-    benchmark: str | None = typer.Option(None, "--benchmark", "-b", help="Benchmark name or comma list; "
+    benchmark: str | None = typer.Option(None, "--benchmark", "-b", help="Benchmark names or groups (all, "
+                                            "a protocol such as linear, a dataset such as voc), comma-separated; "
                                             "default: every benchmark whose data is under --data-root."),
     data_root: str | None = typer.Option(None, "--data-root", help="A dataset's official folder or a folder "
                                             "holding several (default $DENSEBENCH_DATA)."),
@@ -158,7 +159,8 @@ def run(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present, recorded), cpu, cuda or cuda:N."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward batch."),
     seed: int | None = typer.Option(None, "--seed", help="Protocol seed (augmentations, sampling)."),
-    num_workers: int | None = typer.Option(None, "--num-workers", help="DataLoader workers."),
+    num_workers: int | None = typer.Option(None, "--num-workers", help="Data-loading worker processes "
+                                              "(default: auto, min(8, cores); recorded)."),
     layer: int | None = typer.Option(None, "--layer", help="Block whose output is used (negative from the end; "
                                         "default -1)."),
     feature_norm: str | None = typer.Option(None, "--feature-norm", help="on/off: apply the final norm "
