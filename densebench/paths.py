@@ -51,7 +51,8 @@ def read_id_list(path: str | os.PathLike) -> list[str]:
     """Read a split/id list: one id per line, blank lines skipped, CRLF tolerated, extensions kept as written."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"id list {path} does not exist")
+        raise DataError(f"id list {path} does not exist",
+                        hint="give a text file with one image id per line (e.g. a dataset's sets/<split>.txt)")
     ids = [line.strip() for line in path.read_text().splitlines()]
     ids = [i for i in ids if i]
     if len(set(ids)) != len(ids):

@@ -338,20 +338,22 @@ def test_verify_data_hashes_contents(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # interrupted extractions
 
+def exploding_at(index: int, message: str):
+    """A view that fails on image ``index``: an extraction interrupted there."""
+    def view(i, image, mask):
+        if i == index:
+            raise RuntimeError(message)
+        return VIEW(i, image, mask)
+    return view
+
 
 def test_error_mid_extraction_keeps_complete_shards_and_the_rerun_resumes(tmp_path):
     ds = TinySeg(n=7)
     reference, _ = run(ds, FeatureCache(None))
-
-    def exploding(i, image, mask):
-        if i == 5:
-            raise RuntimeError("disk on fire")
-        return VIEW(i, image, mask)
-
     enc = MeanColourEncoder()
     with pytest.raises(RuntimeError):
-        extract(enc, ds, exploding, key_parts=KP, cache=FeatureCache(tmp_path, shard_images=2), batch_size=2,
-                progress=False)
+        extract(enc, ds, exploding_at(5, "disk on fire"), key_parts=KP,
+                cache=FeatureCache(tmp_path, shard_images=2), batch_size=2, progress=False)
     assert not entry_dirs(tmp_path)
     out, stats = run(ds, FeatureCache(tmp_path, shard_images=2))
     assert stats.views_reused == 4 and stats.images_forwarded == 3
@@ -363,15 +365,9 @@ def test_error_mid_extraction_keeps_complete_shards_and_the_rerun_resumes(tmp_pa
 def test_damaged_shard_of_an_interrupted_run_is_recomputed(tmp_path, caplog):
     ds = TinySeg(n=7)
     reference, _ = run(ds, FeatureCache(None))
-
-    def exploding(i, image, mask):
-        if i == 6:
-            raise RuntimeError("killed")
-        return VIEW(i, image, mask)
-
     with pytest.raises(RuntimeError):
-        extract(MeanColourEncoder(), ds, exploding, key_parts=KP, cache=FeatureCache(tmp_path, shard_images=2),
-                batch_size=2, progress=False)
+        extract(MeanColourEncoder(), ds, exploding_at(6, "killed"), key_parts=KP,
+                cache=FeatureCache(tmp_path, shard_images=2), batch_size=2, progress=False)
     (partial,) = (tmp_path / "features").glob("*/*.partial")
     prog = json.loads((partial / "progress.json").read_text())
     assert [s["images"] for s in prog["shards"]] == [[0, 2], [2, 4], [4, 6]]
