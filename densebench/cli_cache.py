@@ -16,6 +16,8 @@ from typing import Annotated
 import typer
 from rich import box
 from rich.console import Console
+
+from .tables import Col, emit
 from rich.table import Table
 
 from .cache import EntryInfo, FeatureCache, human_bytes
@@ -61,17 +63,14 @@ def ls(cache_dir: CacheDirOption = None, as_json: JsonOption = False) -> None:
         return
     now = time.time()
     console.print(f"feature cache {cache.root}", highlight=False)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, show_edge=False)
-    for col in ("key", "kind", "model", "data", "view", "rows", "size", "age", "used"):
-        table.add_column(col, justify="right" if col in ("rows", "size", "age", "used") else "left",
-                         no_wrap=col not in ("model", "data", "view"), overflow="fold",
-                         min_width=10 if col == "model" else 6 if col in ("data", "view") else None)
-    for e in entries:
-        kind = e.kind + ("*" if e.owner_alive else "")
-        table.add_row(e.key[:12], kind, e.model, f"{e.dataset}/{e.split}", e.view,
-                      "-" if e.rows is None else str(e.rows), human_bytes(e.size_bytes), _age(e.created, now),
-                      _age(e.last_used, now))
-    console.print(table)
+    # Keys, sizes and ages are never cut; model and data fold; the view only when there is room.
+    rows = [{"key": e.key[:12], "kind": e.kind + ("*" if e.owner_alive else ""), "model": e.model,
+             "data": f"{e.dataset}/{e.split}", "view": e.view, "rows": "-" if e.rows is None else e.rows,
+             "size": human_bytes(e.size_bytes), "age": _age(e.created, now), "used": _age(e.last_used, now)}
+            for e in entries]
+    emit(console, rows, [Col("key", role="key"), Col("kind", role="key"), Col("model"), Col("data"),
+                         Col("view", role="secondary"), Col("rows", role="number"), Col("size", role="number"),
+                         Col("age", role="number"), Col("used", role="secondary")], "table")
     console.print(f"{len(entries)} item(s), {human_bytes(sum(e.size_bytes for e in entries))}"
                   + ("; partial*: its extraction is running" if any(e.owner_alive for e in entries) else ""),
                   highlight=False)
