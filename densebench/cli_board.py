@@ -66,29 +66,48 @@ def submit(
     console.print(f"[bold]{escape(str(leaderboard))}[/] now holds {n} entries")
 
 
+_PROTOCOL_HELP = ("Protocol versions as columns: auto = one per benchmark (its default version when present, else the "
+                  "one with the most entries; the others are named under the table), all = a column per version, or "
+                  "version names (e.g. hbird-1.1,hbird-unknown; auto for the other benchmarks).")
+_METRICS_HELP = "main = each benchmark's main metric; all = every headline metric (e.g. overclustering K=gt, 300, 500)."
+_SORT_HELP = ("Sort rows by mean, rank, model, arch, or a benchmark (name, column label or code); numbers best first "
+              "(rank lowest first), blanks last.")
+
+
 def show(
     file: Annotated[Path | None, typer.Argument(help="Leaderboard JSON (default: the shipped "
                                                 "dense-ssl.json).")] = None,
-    benchmark: Annotated[list[str] | None, typer.Option("--benchmark", "-b", help="Only these benchmarks "
-                                                        "(repeat or comma-separate).")] = None,
+    benchmark: Annotated[list[str] | None, typer.Option("--benchmark", "-b", help="Only these benchmarks or groups "
+                                                        "(all, linear, voc, ...; repeat or comma-separate).")] = None,
     source: Annotated[str | None, typer.Option("--source", help="Only measured or only published "
                                                "entries.")] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table, markdown, csv or html.")] = "table",
+    protocol: Annotated[str, typer.Option("--protocol", metavar="auto|all|NAMES", help=_PROTOCOL_HELP)] = "auto",
+    metrics: Annotated[str, typer.Option("--metrics", metavar="main|all", help=_METRICS_HELP)] = "main",
+    sort: Annotated[str, typer.Option("--sort", "-s", metavar="COLUMN", help=_SORT_HELP)] = "mean",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, markdown, csv, json, plain or html "
+                                     "(a self-contained page, sortable by any column).")] = "table",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of "
                                                 "stdout.")] = None,
 ) -> None:
-    """Models x benchmarks: a terminal table, Markdown, CSV, or a static sortable HTML page."""
+    """One row per model, one column per benchmark: standard entries merged across runs and sources, each kind of
+    non-standard entry (another config, synthetic data, a published variant) its own row marked †. Mean and rank
+    use the main metric of the benchmarks shown and only models that have all of them (MTEB's rule; others are
+    blank and sort last); rank = the mean of the model's per-benchmark ranks among those standard models (1 =
+    best). Non-standard cells are never best. At any width the terminal table keeps names and numbers whole: short
+    column codes (legend below), column blocks that repeat the model column. Details: docs/leaderboard.md."""
     if fmt not in lb.FORMATS:
         raise ConfigError(choices_message("format", fmt, lb.FORMATS))
+    if fmt == "table" and output is not None:
+        raise ConfigError("--output needs --format markdown, csv, json, plain or html", hint="or redirect the table")
     doc = lb.load_leaderboard(file or lb.default_leaderboard())
-    rendered = lb.render(doc, fmt, benchmarks=_split(benchmark), source=source)
     console = _console()
+    rendered = lb.render(doc, fmt, benchmarks=_split(benchmark), source=source, protocols=protocol,
+                         metrics=metrics, sort=sort, width=console.width)
     if fmt == "table":
-        if output is not None:
-            raise ConfigError("--output needs --format markdown, csv or html", hint="or redirect the table")
-        console.print(rendered)
+        rendered.print(console)
     else:
         _emit(rendered, output, console)
+
 
 
 def compare(
@@ -97,17 +116,25 @@ def compare(
                                            "neco_train, B.")],
     leaderboard: Annotated[Path | None, typer.Option("--leaderboard", "-l", help="Leaderboard JSON "
                                                      "(default: the shipped dense-ssl.json).")] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table, markdown or csv.")] = "table",
+    sort: Annotated[str | None, typer.Option("--sort", "-s", metavar="COLUMN", help="Sort rows by benchmark "
+                                             "(default), metric, a, b or delta (numbers largest first, blanks "
+                                             "last).")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, markdown, csv, json, plain or "
+                                     "html.")] = "table",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of "
+                                                "stdout.")] = None,
 ) -> None:
     """Per-benchmark deltas B - A, pairing entries measured the same way when the board has them."""
+    if fmt == "table" and output is not None:
+        raise ConfigError("--output needs --format markdown, csv, json, plain or html", hint="or redirect the table")
     doc = lb.load_leaderboard(leaderboard or lb.default_leaderboard())
     rows = lb.compare_models(doc, model_a, model_b)
-    rendered = lb.render_comparison(rows, model_a, model_b, fmt)
     console = _console()
+    rendered = lb.render_comparison(rows, model_a, model_b, fmt, sort=sort, width=console.width)
     if fmt == "table":
-        console.print(rendered)
+        rendered.print(console)
     else:
-        _emit(rendered, None, console)
+        _emit(rendered, output, console)
 
 
 def report(

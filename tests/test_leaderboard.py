@@ -8,9 +8,12 @@ import json
 import multiprocessing
 import os
 import re
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import typer
@@ -22,6 +25,8 @@ import densebench
 from densebench import leaderboard as lb
 from densebench import results as results_mod
 from densebench.errors import ConfigError, ResultError
+from densebench.leaderboard.render import column_legend
+from densebench.leaderboard.view import cell_text, is_best, metric_value, summary_text
 
 SHIPPED = Path(densebench.__file__).resolve().parents[1] / "leaderboards" / "dense-ssl.json"
 SPEC = Path(densebench.__file__).resolve().parents[2] / "shared" / "spec" / "protocols.md"
@@ -350,7 +355,7 @@ def test_full_disk_mid_write_leaves_the_old_file_byte_identical(toy, tmp_path, m
 
 
 # ---------------------------------------------------------------------------------------------------
-# Rendering
+# Views: one row per model, mean and rank, sorting, formats
 
 @pytest.fixture
 def mixed_board(toy, tmp_path):
@@ -364,27 +369,209 @@ def mixed_board(toy, tmp_path):
     return lb.load_leaderboard(board)
 
 
+#: A board small enough to rank by hand: (model, {benchmark: miou}, synthetic). enc-a's two benchmarks come from
+#: two runs (two result files, two dates).
+RANKED = [("enc-a", {"toy-linear": 60.0}, False, "2026-01-01T00:00:00+00:00"),
+          ("enc-a", {"toy-incontext": 40.0}, False, "2026-01-05T00:00:00+00:00"),
+          ("enc-b", {"toy-linear": 70.0, "toy-incontext": 40.0}, False, "2026-01-02T00:00:00+00:00"),
+          ("enc-c", {"toy-linear": 50.0, "toy-incontext": 20.0}, False, "2026-01-03T00:00:00+00:00"),
+          ("enc-d", {"toy-linear": 80.0}, False, "2026-01-04T00:00:00+00:00"),
+          ("enc-syn", {"toy-linear": 99.0, "toy-incontext": 99.0}, True, "2026-01-06T00:00:00+00:00")]
+#: By hand. Complete rows: a, b, c (d lacks toy-incontext; syn is non-standard: a mean, no rank).
+#: toy-linear ranks among a, b, c: b 70 -> 1, a 60 -> 2, c 50 -> 3; toy-incontext: a and b tie at 40 -> 1.5 each,
+#: c -> 3. Average rank: a (2 + 1.5) / 2 = 1.75, b (1 + 1.5) / 2 = 1.25, c (3 + 3) / 2 = 3.
+#: Means: a 50, b 55, c 35, syn 99 (marked). Best: toy-linear 80 (d, standard even if incomplete), toy-incontext
+#: 40 (a and b); syn's 99s are never best.
+HAND_MEAN = {"enc-a": 50.0, "enc-b": 55.0, "enc-c": 35.0, "enc-d": None, "enc-syn": 99.0}
+HAND_RANK = {"enc-a": 1.75, "enc-b": 1.25, "enc-c": 3.0, "enc-d": None, "enc-syn": None}
+HAND_ORDER = {"mean": ["enc-syn", "enc-b", "enc-a", "enc-c", "enc-d"],
+              "rank": ["enc-b", "enc-a", "enc-c", "enc-d", "enc-syn"],        # blanks last, standard first
+              "model": ["enc-a", "enc-b", "enc-c", "enc-d", "enc-syn"],
+              "toy-linear": ["enc-syn", "enc-d", "enc-b", "enc-a", "enc-c"],
+              "toy-incontext": ["enc-syn", "enc-a", "enc-b", "enc-c", "enc-d"]}   # a, b tie: newest run first
+
+
+@pytest.fixture
+def ranked_board(toy, tmp_path):
+    board = tmp_path / "ranked.json"
+    files = []
+    for i, (model, values, synthetic, date) in enumerate(RANKED):
+        for bench, v in values.items():
+            files.append(write(make_result(model=model, benchmark=bench, metrics={"miou": v}, synthetic=synthetic,
+                                           date=date), tmp_path / f"r{i}-{bench}.json"))
+    lb.submit(files, board, allow_nonstandard=True)
+    return board
+
+
+def _every_shown_entry(view) -> list[tuple]:
+    """(entry id, benchmark, metric, value) of every cell and every alternative of a cell."""
+    return [(e["id"], c.benchmark, c.metric, float(e["metrics"][c.metric]))
+            for r in view.rows for c in view.columns
+            for e in ([r.cells[c]] if c in r.cells else []) + r.alternatives.get(c, [])]
+
+
 def test_view_puts_every_entry_in_exactly_one_row(mixed_board):
     view = lb.build_view(mixed_board)
-    shown = [(e["id"], c.benchmark, c.metric, float(e["metrics"][c.metric]))
-             for r in view.rows for c, e in r.cells.items()]
+    shown = _every_shown_entry(view)
     assert len(shown) == len(set(shown))
     assert set(shown) == _headline_cells(mixed_board)
-    # best = the maximum over all entries of that benchmark+metric and protocol version, computed independently
+    # best = the maximum over the *standard* entries of that benchmark+metric and protocol version
     for c, best in view.best.items():
         assert best == max(float(e["metrics"][c.metric]) for e in mixed_board["entries"]
-                           if e["benchmark"] == c.benchmark and c.metric in e["metrics"]
+                           if e["benchmark"] == c.benchmark and c.metric in e["metrics"] and e["standard"]
                            and lb.entry_version(e) == c.version)
+
+
+def test_one_row_per_model_merges_runs_and_sources(mixed_board, ranked_board):
+    view = lb.build_view(lb.load_leaderboard(ranked_board))
+    enc_a = [r for r in view.rows if r.model == "enc-a"]
+    assert len(enc_a) == 1                      # two runs of different benchmarks, one row
+    assert {c.benchmark: e["metrics"]["miou"] for c, e in enc_a[0].cells.items()} == {
+        "toy-linear": 60.0, "toy-incontext": 40.0}
+    assert enc_a[0].fingerprint == fingerprint("enc-a") and enc_a[0].standard
+
+    # Published: one row per model across sources; the non-standard variants are separate, marked rows.
+    view = lb.build_view(mixed_board)
+    dino = [r for r in view.rows if r.model == "dino_vits16"]
+    standard = [r for r in dino if r.standard]
+    assert [r.source for r in standard] == ["measured", "published"]     # measured weights are their own row
+    published = standard[1]
+    assert {c["short"] for c in published.citations} == {
+        "open-hummingbird-eval README", "NeCo Table 2", "NeCo Table 1a", "NeCo Table 3",
+        "SelfPatch paper, DAVIS-2017 table"}
+    variants = sorted(r.note for r in dino if not r.standard)
+    assert variants == ["ScaNN, 2 augmentation epochs, input 512, memory 1,024,000",
+                        "ScaNN, 2 augmentation epochs, input 512, memory 102,400"]
+    assert all(r.label == "dino_vits16 †" for r in dino if not r.standard)
+    # Two sources of one cell: the first in file order is shown, the other kept; a different value is marked.
+    neco = next(r for r in view.rows if r.model == "neco_dino_vits16" and r.standard)
+    lin = next(c for c in view.columns if c.benchmark == "voc-linear")
+    assert neco.cells[lin]["citation"]["short"] == "NeCo README" and neco.cells[lin]["metrics"]["miou"] == 65.8
+    assert [a["metrics"]["miou"] for a in neco.alternatives[lin]] == [61.3]
+    assert "65.8‡" in lb.render_markdown(mixed_board)
+    agree = next(r for r in view.rows if r.model == "timet_vits16" and r.standard)
+    assert [a["metrics"]["miou"] for a in agree.alternatives[lin]] == [66.3]     # same value: not marked
+    assert "66.3‡" not in lb.render_markdown(mixed_board)
+
+
+def test_a_synthetic_run_is_one_marked_row_and_never_best(ranked_board):
+    doc = lb.load_leaderboard(ranked_board)
+    view = lb.build_view(doc)
+    syn = [r for r in view.rows if r.model == "enc-syn"]
+    assert len(syn) == 1 and not syn[0].standard and syn[0].note == "measured on synthetic data"
+    assert syn[0].label == "enc-syn †"
+    lin, inc = view.columns
+    assert view.best == {lin: 80.0, inc: 40.0}         # syn's 99s are the column maxima, but not standard
+    best = {(r.model, c.benchmark) for r in view.rows for c in view.columns if is_best(view, r, c)}
+    assert best == {("enc-d", "toy-linear"), ("enc-a", "toy-incontext"), ("enc-b", "toy-incontext")}
+    # ... in every format
+    md = lb.render_markdown(doc)
+    assert "**80.0**" in md and "**40.0**" in md and "99.0†" in md and "**99.0" not in md
+    cells = json.loads(lb.render_json(doc))
+    flags = {(r["model"], label): cell["best"] for r in cells for label, cell in r["cells"].items()}
+    assert flags[("enc-syn", "toy-linear")] is False and flags[("enc-syn", "toy-incontext")] is False
+    assert {k for k, v in flags.items() if v} == best
+    parser = _Cells()
+    parser.feed(lb.render_html(doc))
+    assert sorted(c["data-value"] for c in parser.cells if "best" in c["class"]) == ["40.0", "40.0", "80.0"]
+    board = lb.render_table(doc, width=80)
+    styled = [cell for table in board.tables for col in table.columns for cell in col._cells if "bold" in cell]
+    assert sorted(styled) == ["[bold green]40.0[/]", "[bold green]40.0[/]", "[bold green]80.0[/]"]
+
+
+def test_mean_and_rank_match_the_hand_computation(ranked_board):
+    view = lb.build_view(lb.load_leaderboard(ranked_board))
+    assert {r.model: r.mean for r in view.rows} == pytest.approx(HAND_MEAN)
+    assert {r.model: r.rank for r in view.rows} == HAND_RANK
+    assert {r.model: r.coverage for r in view.rows} == {"enc-a": 2, "enc-b": 2, "enc-c": 2, "enc-d": 1, "enc-syn": 2}
+    one = lb.build_view(lb.load_leaderboard(ranked_board), benchmarks=["toy-linear"])   # every row is complete
+    assert {r.model: r.mean for r in one.rows} == {"enc-a": 60.0, "enc-b": 70.0, "enc-c": 50.0, "enc-d": 80.0,
+                                                   "enc-syn": 99.0}
+    assert {r.model: r.rank for r in one.rows} == {"enc-a": 3.0, "enc-b": 2.0, "enc-c": 4.0, "enc-d": 1.0,
+                                                   "enc-syn": None}
+
+
+def test_mean_and_rank_match_scipy_on_a_random_board(toy, tmp_path):
+    """An independent computation: numpy means and scipy's average ranks over the complete standard rows."""
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(3)
+    values = rng.integers(200, 800, size=(7, 2)) / 10.0          # one decimal, so ties happen
+    values[1, 1] = values[2, 1]
+    files = [write(make_result(model=f"m{i}", benchmark=b, metrics={"miou": float(values[i, j])}),
+                   tmp_path / f"m{i}{b}.json")
+             for i in range(7) for j, b in enumerate(("toy-linear", "toy-incontext"))]
+    files.append(write(make_result(model="partial", metrics={"miou": 99.9}), tmp_path / "p.json"))
+    lb.submit(files, tmp_path / "b.json")
+    view = lb.build_view(lb.load_leaderboard(tmp_path / "b.json"))
+    got = {r.model: (r.mean, r.rank) for r in view.rows}
+    ranks = np.stack([rankdata(-values[:, j], method="average") for j in range(2)], axis=1).mean(axis=1)
+    for i in range(7):
+        assert got[f"m{i}"][0] == pytest.approx(values[i].mean(), abs=1e-12)
+        assert got[f"m{i}"][1] == pytest.approx(ranks[i], abs=1e-12)
+    assert got["partial"] == (None, None)
+
+
+def _order(text: str, fmt: str) -> list[str]:
+    """The model names, in row order, of a rendered view."""
+    if fmt == "csv":
+        return pd.read_csv(io.StringIO(text))["model"].tolist()
+    if fmt == "json":
+        return [r["model"] for r in json.loads(text)]
+    if fmt == "plain":
+        return [line.split("\t")[0] for line in text.splitlines()[1:]]
+    if fmt == "markdown":
+        rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+        return [re.split(r"(?<!\\)\|", r)[1].strip().replace("\\_", "_").removesuffix(" †") for r in rows]
+    if fmt == "html":
+        return re.findall(r'<td class="model"[^>]*>([^<]*)</td>', text)
+    blocks = _terminal_blocks(text)
+    return [row[0].removesuffix(" †") for row in blocks[0]]
+
+
+def _printed(board, width: int = 80) -> str:
+    console = Console(file=io.StringIO(), width=width)
+    board.print(console)
+    return console.file.getvalue()
+
+
+@pytest.mark.parametrize("sort", sorted(HAND_ORDER))
+def test_sort_order_in_every_format(ranked_board, sort):
+    doc = lb.load_leaderboard(ranked_board)
+    for fmt in lb.FORMATS:
+        out = lb.render(doc, fmt, sort=sort, width=80)
+        text = out if isinstance(out, str) else _printed(out)
+        assert _order(text, fmt) == HAND_ORDER[sort], fmt
+    # codes and column labels name the same column; an unknown name lists the accepted ones
+    assert [r.model for r in lb.build_view(doc, sort=sort).rows] == HAND_ORDER[sort]
+    with pytest.raises(ConfigError, match="unknown --sort column 'speed'") as info:
+        lb.build_view(doc, sort="speed")
+    assert "mean" in str(info.value) and "toy-linear" in str(info.value)
+
+
+def test_html_page_sorting_hooks(ranked_board):
+    page = lb.render_html(lb.load_leaderboard(ranked_board), sort="rank")
+    assert '<th data-type="num" data-key="rank" data-order="asc"' in page          # smallest rank first
+    assert re.search(r'data-key="rank"[^>]*aria-sort="ascending"', page)            # the order the page opened in
+    by_column = lb.render_html(lb.load_leaderboard(ranked_board), sort="toy-linear")
+    assert re.findall(r'<th [^>]*aria-sort="(\w+)"', by_column) == ["descending"]
+    assert re.search(r'<th [^>]*data-bench="toy-linear"[^>]*aria-sort="descending"', by_column)
+    # the full fingerprint in the model cell's tooltip; non-standard rows marked by class (and CSS)
+    assert f'title="weights fingerprint {fingerprint("enc-a")}' in page
+    assert re.search(r'<tr class="measured nonstandard"[^>]*><td class="model"[^>]*>enc-syn</td>', page)
+    assert 'tr.nonstandard td.model::after' in page
+    assert re.search(r'<td class="num mean" data-value="55.0">55.00</td><td class="num rank" data-value="1.25">'
+                     r"1.25</td>", page)
 
 
 def test_markdown_rendering(mixed_board):
     md = lb.render_markdown(mixed_board)
     lines = [line for line in md.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[:3] == ["Model", "Arch", "Source"] and header[-1] == "Note"
+    assert header[:5] == ["Model", "Arch", "Source", "Mean", "Rank"] and header[-1] == "Note"
     body = [[c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]] for line in lines[2:]]
     assert all(len(row) == len(header) for row in body)
-    # one voc-incontext column per protocol version: like is compared with like
+    # one voc-incontext column per protocol version (the API shows every version unless asked)
     assert [h for h in header if h.startswith("voc-incontext")] == [
         "voc-incontext (hbird-1.1)", "voc-incontext (hbird-paper)", "voc-incontext (hbird-unknown)"]
     v11, unknown = header.index("voc-incontext (hbird-1.1)"), header.index("voc-incontext (hbird-unknown)")
@@ -393,42 +580,28 @@ def test_markdown_rendering(mixed_board):
     for col in (v11, unknown):
         assert sum(1 for row in body if row[col].startswith("**")) == 1
     measured = [row for row in body if row[2].startswith("measured")]
-    assert {row[0] for row in measured} == {"dino\\_vits16", "enc-syn"}
-    assert any("measured on synthetic data" in row[-1] for row in measured)
+    assert {row[0] for row in measured} == {"dino\\_vits16", "enc-syn †"}
+    assert any(row[-1] == "measured on synthetic data" for row in measured)
     assert "<https://github.com/vpariza/NeCo/blob/393216026b4d045e2e0b803f70a7d89d9a58937e/README.md>" in md
+    assert "only for models that have all" in md
 
 
-def test_csv_rendering_matches_the_entries(mixed_board):
-    df = pd.read_csv(io.StringIO(lb.render_csv(mixed_board)))
+def test_csv_and_json_hold_every_shown_value(mixed_board):
     view = lb.build_view(mixed_board)
-    assert len(df) == len(view.rows)
-    found = set()
-    for e in mixed_board["entries"]:
-        origin = e["citation"]["short"] if e["source"] == "published" else lb.short_fingerprint(
-            e["model"]["fingerprint"])
-        for m in lb.headline_metrics(e["benchmark"]) or e["metrics"]:
-            if m not in e["metrics"]:
-                continue
-            label = next(c.label for c in view.columns
-                         if c.benchmark == e["benchmark"] and c.metric == m and c.version == lb.entry_version(e))
-            hits = df[(df["model"] == e["model"]["name"]) & (df["origin"] == origin) & (df[label] == e["metrics"][m])]
-            assert len(hits) >= 1, (e["id"], m)
-            found.add((e["id"], m))
-    assert int(df[[c.label for c in view.columns]].notna().sum().sum()) == len(_headline_cells(mixed_board))
-
-
-def test_rich_table_highlights_the_best_value_per_column(mixed_board):
-    table = lb.render_table(mixed_board, benchmarks=["voc-incontext", "voc-linear", "toy-linear"])
-    text_cols = {col.header.replace("\n", " "): list(col.cells) for col in table.columns}
-    incontext = text_cols["voc incontext hbird-unknown miou"]
-    assert [c for c in incontext if "bold green" in c] == ["[bold green]83.5[/]"]
-    assert [c for c in text_cols["voc incontext hbird-1.1 miou"] if "bold green" in c] == ["[bold green]77.0[/]"]
-    linear = text_cols["voc linear miou"]
-    assert [c for c in linear if "bold green" in c] == ["[bold green]84.5[/]"]
-    console = Console(file=io.StringIO(), width=250)
-    console.print(table)
-    out = console.file.getvalue()
-    assert "published [1]" in out and "measured (" in out and "NeCo README" in out
+    df = pd.read_csv(io.StringIO(lb.render_csv(mixed_board)))
+    records = json.loads(lb.render_json(mixed_board))
+    assert len(df) == len(records) == len(view.rows)
+    for i, row in enumerate(view.rows):
+        assert df["model"][i] == records[i]["model"] == row.model
+        for c in view.columns:
+            expected = metric_value(row.cells[c], c.metric) if c in row.cells else None
+            assert records[i][c.label] == expected
+            assert (pd.isna(df[c.label][i]) if expected is None else df[c.label][i] == expected)
+            if c in row.cells:
+                cell = records[i]["cells"][c.label]
+                assert cell["entry"] == row.cells[c]["id"]
+                assert [a["entry"] for a in cell["also"]] == [a["id"] for a in row.alternatives.get(c, [])]
+    assert int(df[[c.label for c in view.columns]].notna().sum().sum()) == sum(len(r.cells) for r in view.rows)
 
 
 class _Cells(HTMLParser):
@@ -449,8 +622,10 @@ def test_html_is_self_contained_and_holds_every_entry(mixed_board):
     page = lb.render_html(mixed_board)
     parser = _Cells()
     parser.feed(page)
-    assert {c["data-entry"] for c in parser.cells} == {e["id"] for e in mixed_board["entries"]}
-    assert len(parser.cells) == len(_headline_cells(mixed_board))
+    shown = [c["data-entry"] for c in parser.cells] + [x for c in parser.cells
+                                                       for x in c.get("data-alternatives", "").split()]
+    assert set(shown) == {e["id"] for e in mixed_board["entries"]}
+    assert len(shown) == len(_headline_cells(mixed_board))          # each value once: a cell or an alternative
     assert parser.rows == len(lb.build_view(mixed_board).rows)
     for tag, attrs in parser.tags:                   # nothing the browser would fetch
         assert not (tag in ("script", "img", "iframe") and attrs.get("src"))
@@ -459,14 +634,109 @@ def test_html_is_self_contained_and_holds_every_entry(mixed_board):
     assert 'data-filter="source"' in page and "data-column-filter" in page
 
 
-def test_filters_by_benchmark_and_source(mixed_board):
+def test_protocol_versions_auto_all_and_named(mixed_board):
+    auto = lb.build_view(mixed_board, protocols="auto", benchmarks=["voc-incontext"])
+    assert [(c.label, c.version) for c in auto.columns] == [("voc-incontext (hbird-1.1)", "hbird-1.1")]
+    assert auto.hidden == [("voc-incontext", "hbird-paper", 1), ("voc-incontext", "hbird-unknown", 9)]
+    assert "hbird-unknown (9 entries)" in lb.render_markdown(mixed_board, protocols="auto")
+    everything = lb.build_view(mixed_board, protocols="all", benchmarks=["voc-incontext"])
+    assert [c.version for c in everything.columns] == ["hbird-1.1", "hbird-paper", "hbird-unknown"]
+    named = lb.build_view(mixed_board, protocols="hbird-unknown,hbird-paper", benchmarks=["voc-incontext",
+                                                                                            "voc-linear"])
+    assert [(c.benchmark, c.version) for c in named.columns] == [
+        ("voc-incontext", "hbird-paper"), ("voc-incontext", "hbird-unknown"), ("voc-linear", "neco-leopart")]
+    assert [c.code for c in named.columns] == ["VOC-ic\npaper", "VOC-ic\nunknown", "VOC-lin"]
+    with pytest.raises(ConfigError, match="unknown protocol version 'hbird-9'"):
+        lb.build_view(mixed_board, protocols="hbird-9")
+    main = lb.build_view(mixed_board, protocols="auto", metrics="main", benchmarks=["overcluster"])
+    assert [(c.benchmark, c.metric) for c in main.columns] == [("voc-overcluster", "miou@500"),
+                                                               ("coco-things-overcluster", "miou@500")]
+
+
+def test_filters_by_benchmark_group_and_source(mixed_board):
     view = lb.build_view(mixed_board, benchmarks=["voc-linear"], source="published")
     assert {c.benchmark for c in view.columns} == {"voc-linear"}
     assert all(r.source == "published" and r.cells for r in view.rows)
+    linear = lb.build_view(mixed_board, benchmarks=["linear"])
+    assert [c.benchmark for c in linear.columns] == ["voc-linear", "ade20k-linear", "coco-things-linear",
+                                                     "coco-stuff-linear"]
     with pytest.raises(ConfigError, match="unknown benchmark 'voc-nope'"):
         lb.build_view(mixed_board, benchmarks=["voc-nope"])
     with pytest.raises(ConfigError, match="unknown format 'pdf'"):
         lb.render(mixed_board, "pdf")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The terminal table at 80 columns
+
+def _terminal_blocks(text: str) -> list[list[list[str]]]:
+    """Body rows (lists of stripped cells) of every table block in rich's box drawing."""
+    blocks: list[list[list[str]]] = []
+    body = False
+    for line in text.splitlines():
+        if line.startswith("┏"):
+            blocks.append([])
+            body = False
+        elif line.startswith("┡"):
+            body = True
+        elif line.startswith("└"):
+            body = False
+        elif body and line.startswith("│"):
+            blocks[-1].append([c.strip() for c in line.strip().strip("│").split("│")])
+    return blocks
+
+
+def _assert_whole(text: str, view, width: int = 80) -> None:
+    """Every row's name and every number of the view, un-cut, in its row of the printed blocks."""
+    table_lines = [line for line in text.splitlines() if line[:1] in "┏┃┡│└"]
+    assert table_lines and max(len(line) for line in table_lines) <= width
+    blocks = _terminal_blocks(text)
+    assert all(len(b) == len(view.rows) for b in blocks)
+    for i, row in enumerate(view.rows):
+        printed = [b[i] for b in blocks]
+        assert {p[0] for p in printed} == {row.label}                 # the model column, whole, in each block
+        numbers = [cell for p in printed for cell in p[2:]]
+        expected = [summary_text(row, w) for w in ("mean", "rank") if any(
+            summary_text(r, w) for r in view.rows)]
+        expected += [cell_text(view, row, c) for c in view.columns]
+        assert numbers == expected
+
+
+@pytest.mark.parametrize("options", [{}, {"protocols": "all", "metrics": "all"}])
+def test_terminal_table_at_80_columns_keeps_names_and_numbers(mixed_board, options):
+    view = lb.build_view(mixed_board, **options, sort="mean")
+    text = _printed(lb.render_table(mixed_board, **options, sort="mean", width=80))
+    _assert_whole(text, view)
+    assert len(_terminal_blocks(text)) > 1
+    for line in column_legend(view, 80):                 # every short code is explained
+        assert line in text
+    assert "<https://github.com/vpariza/NeCo/blob/393216026b4d045e2e0b803f70a7d89d9a58937e/README.md>" in text
+
+
+def test_terminal_too_narrow_for_a_table_goes_vertical(ranked_board):
+    doc = lb.load_leaderboard(ranked_board)
+    view = lb.build_view(doc, sort="rank")
+    lines = _printed(lb.render_table(doc, sort="rank", width=30), width=30).splitlines()
+    assert not any(line[:1] in "┏┃┡│└" for line in lines)
+    assert lines[1] == ("enc-b (" + fingerprint("enc-b")[7:19] + "): mean 55.00, rank 1.25, toy-linear 70.0, "
+                        "toy-incontext 40.0")                      # toy codes coincide: the names are kept
+    for row, line in zip(view.rows, lines[1:6]):
+        assert line.startswith(f"{row.label} (") and all(cell_text(view, row, c) in line for c in view.columns)
+    empty = _printed(lb.render_table(doc, source="published"))
+    assert "no entries to show" in empty and "┏" not in empty
+
+
+def test_cli_show_piped_at_80_columns_in_a_real_process():
+    """`densebench leaderboard show` with stdout a pipe and COLUMNS=80: every name and number whole."""
+    env = {**os.environ, "COLUMNS": "80"}
+    proc = subprocess.run([sys.executable, "-m", "densebench", "leaderboard", "show"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = lb.load_leaderboard(SHIPPED)
+    view = lb.build_view(doc, protocols="auto", metrics="main", sort="mean")
+    _assert_whole(proc.stdout, view)
+    assert "VOC-ic/1.1 = voc-incontext miou (hbird-1.1)" in proc.stdout
+    assert "hbird-unknown (9 entries)" in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -522,6 +792,31 @@ def test_compare_model_lookup_errors_and_fingerprints(toy, tmp_path):
         lb.compare_models(doc, prefix_a[:5], prefix_b)          # too short to be a fingerprint prefix
 
 
+def test_compare_formats_and_sort(toy, tmp_path):
+    board = tmp_path / "board.json"
+    runs = [("base", "toy-linear", 40.0), ("base", "toy-incontext", 30.0), ("post", "toy-linear", 47.5),
+            ("post", "toy-incontext", 29.0)]
+    lb.submit([write(make_result(model=m, benchmark=b, metrics={"miou": v}), tmp_path / f"{m}{b}.json")
+               for m, b, v in runs], board)
+    rows = lb.compare_models(lb.load_leaderboard(board), "base", "post")
+    # default order: the benchmark table's; --sort delta: largest first
+    assert [r["benchmark"] for r in rows] == ["toy-linear", "toy-incontext"]
+    by_delta = json.loads(lb.render_comparison(rows, "base", "post", "json", sort="delta"))
+    assert [(r["benchmark"], r["delta"]) for r in by_delta] == [("toy-linear", 7.5), ("toy-incontext", -1.0)]
+    plain = lb.render_comparison(rows, "base", "post", "plain", sort="a").splitlines()
+    assert plain[0].split("\t")[:5] == ["benchmark", "metric", "a", "b", "delta"]
+    assert [line.split("\t")[0] for line in plain[1:]] == ["toy-linear", "toy-incontext"]
+    page = lb.render_comparison(rows, "base", "post", "html", sort="delta")
+    assert '<table id="compare" class="sortable">' in page and "default-src 'none'" in page
+    assert re.findall(r'<td class="num" data-value="([^"]+)">[+-]', page) == ["7.5", "-1.0"]
+    text = _printed(lb.render_comparison(rows, "base", "post", "table", sort="delta"))
+    body = _terminal_blocks(text)[0]
+    assert [r[:5] for r in body] == [["toy-linear", "miou", "40.0", "47.5", "+7.5"],
+                                     ["toy-incontext", "miou", "30.0", "29.0", "-1.0"]]
+    with pytest.raises(ConfigError, match="unknown --sort column 'speed'"):
+        lb.render_comparison(rows, "base", "post", "csv", sort="speed")
+
+
 # ---------------------------------------------------------------------------------------------------
 # CLI (a local app, as densebench.cli would build it)
 
@@ -547,20 +842,35 @@ def test_cli_submit_show_compare(toy, cli, tmp_path):
     assert res.exit_code == 0, res.output
     df = pd.read_csv(io.StringIO(res.output))
     assert df["toy-linear"].tolist() == [33.3] and df["model"].tolist() == ["enc-a"]
+    assert df["mean"].tolist() == [33.3] and df["rank"].tolist() == [1.0]
 
     html_out = tmp_path / "board.html"
     res = runner.invoke(cli, ["leaderboard", "show", str(board), "-f", "html", "-o", str(html_out)])
     assert res.exit_code == 0 and "<table id=\"board\"" in html_out.read_text()
 
     res = runner.invoke(cli, ["leaderboard", "show", str(board), "--format", "markdown",
-                              "-b", "voc-linear,ade20k-linear"])
-    assert res.exit_code == 0 and "| Model | Arch | Source | voc-linear | ade20k-linear | Note |" in res.output
+                              "-b", "voc-linear,ade20k-linear", "--sort", "ade20k-linear"])
+    assert res.exit_code == 0
+    assert "| Model | Arch | Source | Mean | Rank | voc-linear | ade20k-linear | Note |" in res.output
+    assert "| neco\\_vitb14 | ViT-B/14 | published [1] | 64.10 | 1.00 | 83.3 | **44.9** |" in res.output
 
-    res = runner.invoke(cli, ["leaderboard", "show", "--format", "table", "--source", "published"])
+    res = runner.invoke(cli, ["leaderboard", "show", "--format", "table", "--source", "published"],
+                        env={"COLUMNS": "80"})
     assert res.exit_code == 0 and "dense-ssl" in res.output       # the shipped board by default
+    assert max(len(line) for line in res.output.splitlines() if line[:1] in "┏┃┡│└") <= 80
+
+    res = runner.invoke(cli, ["leaderboard", "show", str(board), "-f", "json", "-b", "toy-linear", "--sort", "rank"])
+    assert json.loads(res.output)[0]["cells"]["toy-linear"]["value"] == 33.3
 
     res = runner.invoke(cli, ["leaderboard", "compare", "dino_vits16", "neco_dino_vits16", "-f", "markdown"])
     assert res.exit_code == 0 and "| voc-linear | miou | 50.2 | 61.3 | +11.1 | yes |" in res.output
+    res = runner.invoke(cli, ["leaderboard", "compare", "dino_vits16", "neco_dino_vits16", "--sort", "delta"],
+                        env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    body = _terminal_blocks(res.output)[0]
+    deltas = [float(r[4]) for r in body if r[4]]
+    assert deltas == sorted(deltas, reverse=True) == [30.8, 30.6, 18.5, 14.7, 11.1, 10.2]
+    assert "[1] NeCo Table 3 (protocol neco-leopart)" in res.output
 
 
 def test_cli_errors_are_densebench_errors(toy, cli, tmp_path):
@@ -569,8 +879,11 @@ def test_cli_errors_are_densebench_errors(toy, cli, tmp_path):
     tampered["metrics"]["miou"] = 1.0
     res = runner.invoke(cli, ["submit", str(write(tampered, tmp_path / "t.json")), "-l", str(tmp_path / "b.json")])
     assert isinstance(res.exception, ResultError) and "integrity" in res.exception.message
-    res = runner.invoke(cli, ["leaderboard", "show", "--format", "pdf"])
-    assert isinstance(res.exception, ConfigError)
+    for args in (["leaderboard", "show", "--format", "pdf"], ["leaderboard", "show", "--sort", "speed"],
+                 ["leaderboard", "show", "--protocol", "hbird-9"], ["leaderboard", "show", "--metrics", "some"],
+                 ["leaderboard", "compare", "dino_vits16", "neco_dino_vits16", "-f", "pdf"]):
+        res = runner.invoke(cli, args)
+        assert isinstance(res.exception, ConfigError), args
 
 
 def test_main_exits_with_code_2_on_a_bad_leaderboard(tmp_path, capsys):

@@ -1,5 +1,7 @@
 // Sortable, filterable tables of the densebench leaderboard and report pages (inlined by page.py).
-// Sorting: click a header; numbers sort best-first on the first click, empty cells always last.
+// Sorting: click a header; numbers sort best-first on the first click (largest first, or smallest first for a
+// header with data-order="asc", e.g. an average rank), empty cells always last. A header the page was
+// sorted by carries aria-sort, so the next click reverses it.
 // Filters: <select data-filter=ATTR data-table=ID> keeps rows whose data-ATTR equals the choice;
 // <select data-column-filter data-table=ID> shows only the columns of one benchmark.
 (function(){
@@ -13,8 +15,8 @@
     var idx = Array.prototype.indexOf.call(th.parentNode.children, th);
     var numeric = th.getAttribute('data-type') === 'num';
     var current = th.getAttribute('aria-sort');
-    var dir = current ? (current === 'ascending' ? 'descending' : 'ascending')
-                      : (numeric ? 'descending' : 'ascending');
+    var first = numeric && th.getAttribute('data-order') !== 'asc' ? 'descending' : 'ascending';
+    var dir = current ? (current === 'ascending' ? 'descending' : 'ascending') : first;
     var rows = Array.prototype.slice.call(tbody.rows);
     rows.sort(function(r1, r2){
       var a = key(r1.cells[idx], numeric), b = key(r2.cells[idx], numeric);

@@ -4,12 +4,15 @@ and metric, and rendering the deltas."""
 from __future__ import annotations
 
 import difflib
-import io
 
+from .. import tables
 from ..errors import ConfigError, ResultError, choices_message
 from .entries import entry_version, headline_metrics
+from .page import esc, html_page, value_attr
 from .view import (NONSTANDARD_MARK, benchmark_sort_key, format_value, md_escape, metric_value,
                    short_fingerprint)
+
+COMPARE_FORMATS = ("table", "markdown", "csv", "json", "plain", "html")
 
 
 def _fingerprint_matches(fp: str | None, query: str) -> bool:
@@ -96,7 +99,7 @@ def compare_models(leaderboard: dict, model_a: str, model_b: str) -> list[dict]:
             if va is None and vb is None:
                 continue
             rows.append({"benchmark": bench, "metric": m, "a": va, "b": vb,
-                         "delta": None if va is None or vb is None else vb - va,
+                         "delta": None if va is None or vb is None else round(vb - va, 6),
                          "same_protocol": same and va is not None and vb is not None,
                          "a_from": _origin_label(ea) if va is not None else "",
                          "b_from": _origin_label(eb) if vb is not None else "",
@@ -105,45 +108,113 @@ def compare_models(leaderboard: dict, model_a: str, model_b: str) -> list[dict]:
     return rows
 
 
-def render_comparison(rows: list[dict], model_a: str, model_b: str, fmt: str = "table"):
-    """The comparison as a rich Table (fmt="table"), Markdown or CSV text."""
-    header = ["benchmark", "metric", model_a, model_b, "delta (B-A)", "same protocol", "A from", "B from",
-              "protocol version"]
+COMPARE_SORTS = ("benchmark", "metric", "a", "b", "delta")
 
-    def cells(r: dict) -> list[str]:
-        delta = "" if r["delta"] is None else f"{r['delta']:+.1f}"
-        same = "" if r["delta"] is None else ("yes" if r["same_protocol"] else "no")
-        versions = [v for v in (r["a_protocol"], r["b_protocol"]) if v]
-        version = " vs ".join(dict.fromkeys(versions)) if len(set(versions)) > 1 else "".join(versions[:1])
-        return [r["benchmark"], r["metric"], format_value(r["a"]), format_value(r["b"]), delta, same,
-                r["a_from"], r["b_from"], version]
 
+def sort_comparison(rows: list[dict], key: str) -> list[dict]:
+    """Rows by ``benchmark`` (the table's order), ``metric`` (A-Z), ``a`` / ``b`` / ``delta`` (largest first);
+    missing values last, ties in their order."""
+    key = key.strip().lower()
+    if key not in COMPARE_SORTS:
+        raise ConfigError(choices_message("--sort column", key, COMPARE_SORTS))
+    if key == "benchmark":
+        return sorted(rows, key=lambda r: benchmark_sort_key(r["benchmark"]))
+    if key == "metric":
+        return sorted(rows, key=lambda r: r["metric"])
+    present = sorted((r for r in rows if r[key] is not None), key=lambda r: r[key], reverse=True)
+    return present + [r for r in rows if r[key] is None]
+
+
+def _compare_record(r: dict, missing) -> dict:
+    """A comparison row for text output: values as numbers, ``missing`` where there is none."""
+    return {**{k: (missing if r[k] is None else r[k]) for k in ("a", "b", "delta")},
+            "benchmark": r["benchmark"], "metric": r["metric"],
+            "same_protocol": missing if r["delta"] is None else r["same_protocol"],
+            **{k: r[k] or missing for k in ("a_from", "b_from", "a_protocol", "b_protocol")}}
+
+
+def _display_record(r: dict, escape=lambda s: s) -> dict:
+    """A comparison row as people read it: one decimal, signed delta, the protocol version(s)."""
+    versions = [v for v in (r["a_protocol"], r["b_protocol"]) if v]
+    version = " vs ".join(dict.fromkeys(versions)) if len(set(versions)) > 1 else "".join(versions[:1])
+    same = "" if r["delta"] is None else ("yes" if r["same_protocol"] else "no")
+    return {"benchmark": escape(r["benchmark"]), "metric": escape(r["metric"]), "a": format_value(r["a"]),
+            "b": format_value(r["b"]), "delta": "" if r["delta"] is None else f"{r['delta']:+.1f}", "same": same,
+            "a_from": escape(r["a_from"]), "b_from": escape(r["b_from"]),
+            "protocol": escape(version)}
+
+
+def _comparison_html(rows: list[dict], model_a: str, model_b: str) -> str:
+    head = "".join(f'<th data-type="{t}">{esc(h)}</th>' for h, t in (
+        ("benchmark", "text"), ("metric", "text"), (f"A: {model_a}", "num"), (f"B: {model_b}", "num"),
+        ("B - A", "num"), ("same protocol", "text"), ("A from", "text"), ("B from", "text"), ("protocol", "text")))
+    body = []
+    for r in rows:
+        d = _display_record(r)
+        nums = "".join(f'<td class="num"{value_attr(r[k])}>{esc(d[k])}</td>' for k in ("a", "b", "delta"))
+        body.append(f"<tr><td>{esc(d['benchmark'])}</td><td>{esc(d['metric'])}</td>{nums}<td>{esc(d['same'])}</td>"
+                    f"<td>{esc(d['a_from'])}</td><td>{esc(d['b_from'])}</td><td>{esc(d['protocol'])}</td></tr>")
+    title = f"{model_a} (A) vs {model_b} (B)"
+    return html_page(title, f"<h1>{esc(title)}</h1><p class=\"meta\">Per benchmark and headline metric: B - A. "
+                     "\"same protocol\" = both entries measured the same way (same config or source table, else "
+                     "standard entries of one protocol version); a delta across protocols mixes the model change "
+                     "with the protocol change. Click a column header to sort.</p>"
+                     f'<table id="compare" class="sortable"><thead><tr>{head}</tr></thead>'
+                     f'<tbody>{"".join(body)}</tbody></table>')
+
+
+def _comparison_terminal(rows: list[dict], model_a: str, model_b: str, width: int):
+    """A terminal table whose text columns are short: where each number comes from is a footnote number."""
+    from .render import TerminalBoard
+
+    sources: list[str] = []
+
+    def ref(label: str, version: str) -> str:
+        if not label:
+            return ""
+        label += f" (protocol {version})" if version else ""
+        if label not in sources:
+            sources.append(label)
+        return f"[{sources.index(label) + 1}]"
+
+    records = []
+    for r in rows:
+        d = _display_record(r)
+        a, b = ref(r["a_from"], r["a_protocol"]), ref(r["b_from"], r["b_protocol"])
+        d["from"] = a if a == b or not b else (b if not a else f"A{a} B{b}")
+        records.append(d)
+    cols = [tables.Col("benchmark", role="key"), tables.Col("metric", role="key"), tables.Col("a", "A", "number"),
+            tables.Col("b", "B", "number"), tables.Col("delta", "B-A", "number"), tables.Col("same", role="key"),
+            tables.Col("from", role="key")]
+    table = tables.render(records, cols, "table", width=width, title=f"A = {model_a}, B = {model_b}")
+    lines = ["same: both numbers measured the same way (same config or source table, else standard entries of one "
+             "protocol version); a delta across protocols mixes the model change with the protocol change.",
+             *(f"[{i + 1}] {label}" for i, label in enumerate(sources))]
+    return TerminalBoard([table], lines)
+
+
+def render_comparison(rows: list[dict], model_a: str, model_b: str, fmt: str = "table", *,
+                      sort: str | None = None, width: int = 80):
+    """The comparison as a terminal table (fmt="table": a TerminalBoard that never cuts a name or a number at
+    ``width``; sources as numbered notes), Markdown, CSV, JSON, plain text or an HTML page; ``sort`` reorders
+    the rows."""
+    if fmt not in COMPARE_FORMATS:
+        raise ConfigError(choices_message("format", fmt, COMPARE_FORMATS))
+    rows = sort_comparison(rows, sort) if sort else list(rows)
+    if fmt == "html":
+        return _comparison_html(rows, model_a, model_b)
     if fmt == "table":
-        from rich.markup import escape
-        from rich.table import Table
-
-        table = Table(title=escape(f"{model_a} (A) vs {model_b} (B)"))
-        for i, h in enumerate(header):
-            table.add_column(escape(h), justify="right" if 2 <= i <= 4 else "left")
-        for r in rows:
-            c = [escape(x) for x in cells(r)]
-            if r["delta"] is not None and r["delta"] != 0:
-                colour = "green" if r["delta"] > 0 else "red"
-                c[4] = f"[bold {colour}]{c[4]}[/]"
-            table.add_row(*c)
-        return table
+        return _comparison_terminal(rows, model_a, model_b, width)
     if fmt == "markdown":
-        lines = ["| " + " | ".join(md_escape(h) for h in header) + " |",
-                 "|---|---|---:|---:|---:|---|---|---|---|"]
-        lines += ["| " + " | ".join(md_escape(x) for x in cells(r)) + " |" for r in rows]
-        return "\n".join(lines) + "\n"
-    if fmt == "csv":
-        import pandas as pd
-
-        columns = ["benchmark", "metric", "a", "b", "delta", "same_protocol", "a_from", "b_from", "a_protocol",
-                   "b_protocol"]
-        buf = io.StringIO()
-        pd.DataFrame([{k: r[k] for k in columns} for r in rows], columns=columns).to_csv(
-            buf, index=False, lineterminator="\n")
-        return buf.getvalue()
-    raise ConfigError(choices_message("format", fmt, ("table", "markdown", "csv")))
+        cols = [tables.Col("benchmark", role="key"), tables.Col("metric", role="key"),
+                tables.Col("a", md_escape(model_a, pipes=False), "number"),
+                tables.Col("b", md_escape(model_b, pipes=False), "number"),
+                tables.Col("delta", "delta (B-A)", "number"), tables.Col("same", "same protocol"),
+                tables.Col("a_from", "A from"), tables.Col("b_from", "B from"),
+                tables.Col("protocol", "protocol version")]
+        md = lambda s: md_escape(s, pipes=False)
+        return tables.render([_display_record(r, md) for r in rows], cols, "markdown") + "\n"
+    cols = [tables.Col(k) for k in ("benchmark", "metric", "a", "b", "delta", "same_protocol", "a_from", "b_from",
+                                    "a_protocol", "b_protocol")]
+    missing = "" if fmt == "csv" else None
+    return tables.render([_compare_record(r, missing) for r in rows], cols, fmt) + "\n"

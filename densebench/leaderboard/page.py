@@ -24,6 +24,11 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def value_attr(value: float | None) -> str:
+    """The ``data-value`` attribute board.js sorts a numeric cell by (none for an empty cell: sorted last)."""
+    return "" if value is None else f' data-value="{value!r}"'
+
+
 def html_page(title: str, body: str) -> str:
     """A self-contained page: inline CSS and JS, and a Content-Security-Policy that forbids every network
     request (images must be data: URIs), so opening it never phones home."""
