@@ -1,30 +1,31 @@
-"""The HTML leaderboard and report in a real headless Chromium, driven through the DevTools protocol.
+"""The HTML leaderboard and report in a real headless Chromium, driven by Playwright.
 
-Chromium talks DevTools over a pipe (``--remote-debugging-pipe``: commands on fd 3, replies on fd 4,
-NUL-separated JSON), so no port, no websocket package and no network are involved. The checks: the
-page loads with no console error or exception, makes no request other than file:/data:, shows every
-entry, and a real mouse click on a header reorders the rows. Without a browser the tests skip.
+Playwright launches the system Chromium by path (``DENSEBENCH_CHROMIUM``, else ``chromium`` & co. on PATH; never
+a downloaded browser), so no network is involved. The checks, at 1280 and 1920 px wide: the page loads with no
+console error or exception (CSP violations included), makes no request other than file:/data:, shows every
+entry, a real mouse click on a header reorders the rows, nothing overflows the viewport sideways, every image is
+decoded and fits, and a full-page screenshot (kept under pytest's tmp_path) shows a page, not a blank one.
+Without Playwright or a browser the tests skip. The leaderboard assertions are generic (rows present, a header
+click sorts) so that they hold whatever the page's columns are.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from board_helpers import canonical_toy_config, install_toy_benchmarks, make_result, write
+from PIL import Image
 
 import densebench
 from densebench import leaderboard as lb
-from densebench import report
+from densebench import pictures, report
 
 SHIPPED = Path(densebench.__file__).resolve().parents[1] / "leaderboards" / "dense-ssl.json"
+WIDTHS = (1280, 1920)
 
 
 def _find_chromium() -> str | None:
@@ -44,144 +45,94 @@ pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="no chromium found (apt-get install chromium, or set "
                                                 "DENSEBENCH_CHROMIUM to a Chrome/Chromium binary)"),
 ]
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install -e '.[dev]')")
 
 
-_TRAMPOLINE = ("import fcntl, os, sys; r, w = [fcntl.fcntl(int(a), fcntl.F_DUPFD, 10) for a in sys.argv[1:3]]; "
-               "os.dup2(r, 3); os.dup2(w, 4); os.execv(sys.argv[3], sys.argv[3:])")
+@pytest.fixture(scope="module")
+def chromium():
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--disable-gpu"])
+        yield browser
+        browser.close()
 
 
-class DevTools:
-    """A minimal DevTools-protocol client for one page, over Chromium's debugging pipe."""
+class Tab:
+    """One page at one viewport width, recording console problems and every request it makes."""
 
-    def __init__(self, binary: str, profile: Path, timeout: float = 90.0):
-        self.timeout = timeout
-        to_chrome_r, self._to_chrome = os.pipe()
-        self._from_chrome, from_chrome_w = os.pipe()
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--remote-debugging-pipe", f"--user-data-dir={profile}",
-                 "--window-size=1400,900", "about:blank"]
-        # Chromium expects the pipe on fds 3 and 4: a tiny Python trampoline moves our ends there, then
-        # execs the browser (no preexec_fn, and no shell: dash cannot redirect fds above 9).
-        self.proc = subprocess.Popen([sys.executable, "-c", _TRAMPOLINE, str(to_chrome_r), str(from_chrome_w),
-                                      binary, *flags], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, pass_fds=(to_chrome_r, from_chrome_w))
-        os.close(to_chrome_r)
-        os.close(from_chrome_w)
-        self._buffer = b""
-        self._next_id = 0
-        self.events: list[dict] = []
-        target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        for domain in ("Runtime", "Log", "Network", "Page"):
-            self.call(f"{domain}.enable", session=True)
-
-    def _read_message(self, deadline: float) -> dict:
-        while b"\0" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._from_chrome], [], [], left)[0]:
-                raise TimeoutError("chromium did not answer in time")
-            chunk = os.read(self._from_chrome, 1 << 16)
-            if not chunk:
-                raise RuntimeError(f"chromium closed the DevTools pipe (exit code {self.proc.poll()})")
-            self._buffer += chunk
-        raw, self._buffer = self._buffer.split(b"\0", 1)
-        return json.loads(raw)
-
-    def call(self, method: str, session: bool = False, **params) -> dict:
-        self._next_id += 1
-        msg = {"id": self._next_id, "method": method, "params": params}
-        if session:
-            msg["sessionId"] = self.session
-        os.write(self._to_chrome, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + self.timeout
-        while True:
-            reply = self._read_message(deadline)
-            if reply.get("id") == self._next_id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply.get("result", {})
-            self.events.append(reply)
-
-    def wait_for(self, method: str) -> dict:
-        deadline = time.monotonic() + self.timeout
-        for event in self.events:
-            if event.get("method") == method:
-                return event
-        while True:
-            event = self._read_message(deadline)
-            self.events.append(event)
-            if event.get("method") == method:
-                return event
+    def __init__(self, browser, width: int):
+        self.width = width
+        self.context = browser.new_context(viewport={"width": width, "height": 900})
+        self.page = self.context.new_page()
+        self.problems: list[str] = []
+        self.requests: list[str] = []
+        self.page.on("console", lambda m: self.problems.append(f"console {m.type}: {m.text}")
+                     if m.type in ("error", "assert") else None)
+        self.page.on("pageerror", lambda e: self.problems.append(f"exception: {e}"))
+        self.page.on("request", lambda r: self.requests.append(r.url))
 
     def open(self, path: Path) -> None:
-        self.call("Page.navigate", session=True, url=path.resolve().as_uri())
-        self.wait_for("Page.loadEventFired")
+        self.page.goto(path.resolve().as_uri(), wait_until="load")
 
-    def js(self, expression: str):
-        res = self.call("Runtime.evaluate", session=True, expression=expression, returnByValue=True,
-                        awaitPromise=True)
-        if "exceptionDetails" in res:
-            raise AssertionError(f"JS error in test expression: {res['exceptionDetails']}")
-        return res["result"].get("value")
+    def js(self, expression: str, arg=None):
+        return self.page.evaluate(expression, arg)
 
-    def click(self, selector: str) -> None:
-        """A real mouse click (pressed + released) at the centre of the element."""
-        box = self.js(f"(() => {{ const el = document.querySelector({json.dumps(selector)}); "
-                      "el.scrollIntoView({block: 'center', inline: 'center'}); const r = el.getBoundingClientRect(); "
-                      "return [r.left + r.width / 2, r.top + r.height / 2]; })()")
-        for kind in ("mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", session=True, type=kind, x=box[0], y=box[1], button="left",
-                      clickCount=1)
-
-    def problems(self) -> list[str]:
-        """Console errors, uncaught exceptions, error log entries (CSP violations land here)."""
-        out = []
-        for e in self.events:
-            m, p = e.get("method"), e.get("params", {})
-            if m == "Runtime.exceptionThrown":
-                out.append(json.dumps(p["exceptionDetails"])[:300])
-            elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-                out.append(json.dumps(p.get("args"))[:300])
-            elif m == "Log.entryAdded" and p["entry"].get("level") == "error":
-                out.append(p["entry"].get("text", "")[:300])
-        return out
-
-    def requested_urls(self) -> list[str]:
-        return [e["params"]["request"]["url"] for e in self.events if e.get("method") == "Network.requestWillBeSent"]
+    def assert_clean(self) -> None:
+        assert self.problems == []
+        assert self.requests and all(u.startswith(("file:", "data:")) for u in self.requests), self.requests
 
     def close(self) -> None:
-        try:
-            self.call("Browser.close")
-        except (RuntimeError, TimeoutError, OSError):
-            pass
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self._to_chrome)
-        os.close(self._from_chrome)
+        self.context.close()
 
 
 @pytest.fixture
-def browser(tmp_path):
-    tools = DevTools(CHROMIUM, tmp_path / "profile")
-    yield tools
-    tools.close()
+def tab_at(chromium):
+    tabs = []
+
+    def make(width: int) -> Tab:
+        tabs.append(Tab(chromium, width))
+        return tabs[-1]
+
+    yield make
+    for t in tabs:
+        t.close()
 
 
-def _assert_clean(browser: DevTools) -> None:
-    assert browser.problems() == []
-    urls = browser.requested_urls()
-    assert urls and all(u.startswith(("file:", "data:")) for u in urls), urls
+_LAYOUT = """() => {
+  const vw = document.documentElement.clientWidth;
+  return {
+    viewport: vw, scrollWidth: document.documentElement.scrollWidth,
+    images: Array.from(document.images).map(i => {
+      const r = i.getBoundingClientRect();
+      return {complete: i.complete, natural: i.naturalWidth, width: r.width, left: r.left, right: r.right};
+    }),
+  };
+}"""
 
 
-def _column(browser: DevTools, table: str, index: int) -> list[float | None]:
+def _check_layout_and_screenshot(tab: Tab, shot: Path, min_images: int = 0) -> dict:
+    """No sideways overflow; every image decoded and within the viewport; a full-page screenshot that is as wide
+    as the viewport and has content (not a blank page)."""
+    layout = tab.js(_LAYOUT)
+    assert layout["viewport"] == tab.width
+    assert layout["scrollWidth"] <= tab.width, f"page is {layout['scrollWidth']} px wide at a {tab.width} px viewport"
+    assert len(layout["images"]) >= min_images
+    for img in layout["images"]:
+        assert img["complete"] and img["natural"] > 0, img
+        assert 0 < img["width"] <= tab.width and img["left"] >= 0 and img["right"] <= tab.width + 0.5, img
+    assert tab.page.locator("table").first.is_visible()
+    tab.page.screenshot(path=str(shot), full_page=True)
+    with Image.open(shot) as im:
+        assert im.width == tab.width and im.height >= 900
+        px = np.asarray(im.convert("L"))
+    assert (px < 200).mean() > 0.005            # text, rules and plots: not a blank page
+    return layout
+
+
+def _column_values(tab: Tab, table: str, index: int) -> list[float | None]:
     """The data-value of column ``index`` for every body row, in DOM order (None = empty cell)."""
-    return browser.js(f"Array.from(document.querySelectorAll('#{table} tbody tr')).map(tr => {{ "
-                      f"const v = tr.cells[{index}].getAttribute('data-value'); "
-                      "return v === null ? null : parseFloat(v); })")
+    return tab.js("([t, i]) => Array.from(document.querySelector(t).tBodies[0].rows).map(tr => {"
+                  " const c = tr.cells[i]; const v = c ? c.getAttribute('data-value') : null;"
+                  " return v === null ? null : parseFloat(v); })", [table, index])
 
 
 def _sorted_like(values: list, descending: bool) -> bool:
@@ -191,7 +142,34 @@ def _sorted_like(values: list, descending: bool) -> bool:
     return present == sorted(present, reverse=descending)
 
 
-def test_leaderboard_page_loads_shows_every_entry_and_sorts(monkeypatch, tmp_path, browser):
+def _unsorted_numeric_column(tab: Tab, table: str) -> int:
+    """A header index whose column has >= 3 distinct numbers in neither ascending nor descending order."""
+    n = tab.js("t => document.querySelector(t).tHead.rows[0].cells.length", table)
+    for i in range(n):
+        values = _column_values(tab, table, i)
+        if len({v for v in values if v is not None}) >= 3 and not (
+                _sorted_like(values, True) or _sorted_like(values, False)):
+            return i
+    raise AssertionError(f"{table}: no numeric column to sort")
+
+
+def _click_header_sorts(tab: Tab, table: str, index: int) -> None:
+    """A real mouse click on the header sorts the column one way, a second click the other way; the rows move
+    with their cells (same multiset of values)."""
+    header = tab.page.locator(f"{table} thead tr").first.locator("th").nth(index)
+    before = _column_values(tab, table, index)
+    header.click()
+    first = _column_values(tab, table, index)
+    header.click()
+    second = _column_values(tab, table, index)
+    assert sorted(map(str, first)) == sorted(map(str, before)) == sorted(map(str, second))
+    assert {_sorted_like(first, True), _sorted_like(second, False)} == {True} or \
+        {_sorted_like(first, False), _sorted_like(second, True)} == {True}
+    assert first != before
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_leaderboard_page(monkeypatch, tmp_path, tab_at, width):
     install_toy_benchmarks(monkeypatch)
     board = tmp_path / "board.json"
     board.write_bytes(SHIPPED.read_bytes())
@@ -201,78 +179,90 @@ def test_leaderboard_page_loads_shows_every_entry_and_sorts(monkeypatch, tmp_pat
     doc = lb.load_leaderboard(board)
     page = tmp_path / "board.html"
     page.write_text(lb.render_html(doc))
-    browser.open(page)
+    tab = tab_at(width)
+    tab.open(page)
 
-    view = lb.build_view(doc)
-    assert browser.js("document.querySelectorAll('#board tbody tr').length") == len(view.rows)
-    shown = browser.js("Array.from(document.querySelectorAll('td[data-entry]')).map(td => td.dataset.entry)")
-    assert set(shown) == {e["id"] for e in doc["entries"]}
-    texts = browser.js("Array.from(document.querySelectorAll('#board tbody tr')).map(tr => tr.cells[0].textContent)")
-    assert {"enc-new", "enc-syn", "neco_dinov2_vits14"} <= set(texts)
+    table = "table.sortable"
+    assert tab.js(f"document.querySelector('{table}').tBodies[0].rows.length") > 0
+    text = tab.js(f"document.querySelector('{table}').textContent")
+    assert sorted(n for n in {e["model"]["name"] for e in doc["entries"]} if n not in text) == []  # every entry
+    _check_layout_and_screenshot(tab, tmp_path / f"leaderboard-{width}.png")
 
-    # A numeric column: the first click sorts best-first, the second ascending; empty cells stay last.
-    idx = browser.js("Array.from(document.querySelectorAll('#board thead th'))"
-                     ".findIndex(th => th.dataset.bench === 'voc-incontext')")
-    before = _column(browser, "board", idx)
-    assert not _sorted_like(before, descending=True)
-    browser.click('#board thead th[data-bench="voc-incontext"]')
-    after = _column(browser, "board", idx)
-    assert _sorted_like(after, descending=True) and sorted(map(str, after)) == sorted(map(str, before))
-    assert after[0] == 77.0          # the first voc-incontext column is the hbird-1.1 one (one column per version)
-    assert browser.js("document.querySelector('#board thead th[data-bench=\"voc-incontext\"]')"
-                      ".getAttribute('aria-sort')") == "descending"
-    browser.click('#board thead th[data-bench="voc-incontext"]')
-    assert _sorted_like(_column(browser, "board", idx), descending=False)
+    _click_header_sorts(tab, table, _unsorted_numeric_column(tab, table))
+    model_th = tab.js(f"Array.from(document.querySelector('{table}').tHead.rows[0].cells)"
+                      ".findIndex(th => th.textContent.trim().startsWith('Model'))")
+    if model_th >= 0:                                      # a text column sorts alphabetically
+        tab.page.locator(f"{table} thead tr").first.locator("th").nth(model_th).click()
+        names = tab.js(f"Array.from(document.querySelector('{table}').tBodies[0].rows)"
+                       f".map(tr => tr.cells[{model_th}].textContent.trim().toLowerCase())")
+        assert names == sorted(names)
 
-    # A text column sorts alphabetically.
-    browser.click("#board thead th:first-child")
-    names = browser.js("Array.from(document.querySelectorAll('#board tbody tr'))"
-                       ".map(tr => tr.cells[0].textContent.trim().toLowerCase())")
-    assert names == sorted(names)
-
-    # Filters: source, then benchmark (hides other benchmark columns and rows without a value).
-    browser.js("(() => { const s = document.getElementById('f-board-source'); s.value = 'measured'; "
-               "s.dispatchEvent(new Event('change')); })()")
-    visible = browser.js("Array.from(document.querySelectorAll('#board tbody tr')).filter(tr => !tr.hidden)"
-                         ".map(tr => tr.dataset.source)")
-    assert visible == ["measured", "measured"]
-    browser.js("(() => { const s = document.getElementById('f-board-source'); s.value = ''; "
-               "s.dispatchEvent(new Event('change')); const b = document.getElementById('f-board-benchmark'); "
-               "b.value = 'voc-linear'; b.dispatchEvent(new Event('change')); })()")
-    visible_rows = browser.js("Array.from(document.querySelectorAll('#board tbody tr'))"
-                              ".filter(tr => !tr.hidden).length")
-    expected = sum(1 for r in view.rows if any(c.benchmark == "voc-linear" for c in r.cells))
-    assert visible_rows == expected
-    shown_benches = browser.js("Array.from(document.querySelectorAll('#board thead th[data-bench]'))"
-                               ".filter(th => !th.hidden).map(th => th.dataset.bench)")
-    assert shown_benches == ["voc-linear"]
-    _assert_clean(browser)
+    # Row filters (select[data-filter]): each choice keeps exactly the rows carrying it.
+    for sel in tab.js("Array.from(document.querySelectorAll('select[data-filter]'))"
+                      ".filter(s => s.options.length > 1).map(s => s.id)"):
+        choice = tab.js(f"document.getElementById('{sel}').options[1].value")
+        tab.page.select_option(f"#{sel}", choice)
+        shown = tab.js(f"(() => {{ const s = document.getElementById('{sel}'); const t = document.getElementById("
+                       "s.dataset.table); return Array.from(t.tBodies[0].rows).filter(tr => !tr.hidden)"
+                       ".map(tr => tr.getAttribute('data-' + s.dataset.filter)); })()")
+        assert shown and set(shown) == {choice}
+        tab.page.select_option(f"#{sel}", "")
+    tab.assert_clean()
 
 
-def test_report_page_loads_with_its_images_and_sorts(monkeypatch, tmp_path, browser):
+@pytest.fixture
+def report_files(monkeypatch, tmp_path) -> list[Path]:
+    """Toy results (one carrying a saved picture wider than a 1280 px viewport), an in-context fraction curve,
+    a ViT-S result on voc-linear (beside the shipped published rows) and an overclustering one with 5 seeds."""
     install_toy_benchmarks(monkeypatch)
-    from PIL import Image
-
     runs = tmp_path / "runs"
     runs.mkdir()
-    Image.new("RGB", (10, 6), (10, 200, 40)).save(runs / "matches.png")
-    files = [write(make_result(model="enc-a", metrics={"miou": 31.0}, artifacts=["matches.png"]), runs / "a.json"),
+    gt = np.zeros((1, 64, 64), np.uint8)
+    gt[0, 10:40, 10:50] = 1
+    panels = [(f"K={k}", np.roll(gt, k, axis=2)) for k in (3, 9)]
+    (picture,) = pictures.render_label_panels(runs, "toy", [("x", Image.new("RGB", (64, 64), (90, 140, 60)))], gt,
+                                              panels, None, class_names=["background", "thing"])
+    files = [write(make_result(model="enc-a", metrics={"miou": 31.0}, artifacts=[picture]), runs / "a.json"),
              write(make_result(model="enc-b", metrics={"miou": 64.0}), runs / "b.json"),
-             write(make_result(model="enc-c", metrics={"miou": 12.5}), runs / "c.json")]
+             write(make_result(model="enc-c", synthetic=True, metrics={"miou": 12.5}), runs / "c.json")]
     for i, fraction in enumerate((128, 8, None)):
         files.append(write(make_result(model="enc-a", benchmark="toy-incontext",
                                        config=canonical_toy_config(train_fraction=fraction),
                                        metrics={"miou": 20.0 + 10 * i}), runs / f"f{i}.json"))
-    summary = report.write_report(files, tmp_path / "report")
-    browser.open(summary.index)
+    seeds = [60.5, 63.0, 61.75, 64.25, 62.0]
+    files.append(write(make_result(model="enc-a", benchmark="voc-overcluster",
+                                   metrics={"miou@500": float(np.mean(seeds)), "miou@500_seeds": seeds,
+                                            "miou@gt": 20.0, "miou@gt_std": 1.5}), runs / "oc.json"))
+    files.append(write(make_result(model="enc-a", benchmark="voc-linear", metrics={"miou": 45.0}), runs / "vl.json"))
+    return files
 
-    assert browser.js("document.querySelectorAll('#results tbody tr').length") == len(files)
-    images = browser.js("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
-    assert len(images) == len(summary.plots) + 1
-    assert all(done and width > 0 for done, width in images)
-    idx = browser.js("Array.from(document.querySelectorAll('#results thead th'))"
-                     ".findIndex(th => th.textContent === 'miou')")
-    browser.click(f"#results thead th:nth-child({idx + 1})")
-    values = _column(browser, "results", idx)
-    assert values == sorted(values, reverse=True) == [64.0, 40.0, 31.0, 30.0, 20.0, 12.5]
-    _assert_clean(browser)
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_report_page(report_files, tmp_path, tab_at, width):
+    summary = report.write_report(report_files, tmp_path / "report")
+    tab = tab_at(width)
+    tab.open(summary.index)
+
+    assert tab.js("document.querySelectorAll('#results tbody tr').length") == len(report_files)
+    layout = _check_layout_and_screenshot(tab, tmp_path / f"report-{width}.png", min_images=len(summary.plots) + 1)
+    assert len(layout["images"]) == len(summary.plots) + 1
+    picture = max(layout["images"], key=lambda i: i["natural"])
+    assert picture["natural"] > 1280                   # wider than the narrow viewport: scaled down to fit it there
+    assert picture["width"] < picture["natural"] if width == 1280 else picture["width"] >= picture["natural"]
+    for plot in summary.plots:
+        with Image.open(plot) as im:
+            assert im.width >= 800                                          # plots are drawn large enough to read
+
+    # the ViT-S card sits beside the shipped ViT-S rows: its own row first, then the published ones
+    cmp = "#compare-ViT-S"
+    assert tab.page.locator(cmp).is_visible()
+    sources = tab.js(f"Array.from(document.querySelector('{cmp}').tBodies[0].rows).map(tr => tr.dataset.source)")
+    assert sources[0] == "measured" and sources.count("published") > 10
+
+    idx = tab.js("Array.from(document.querySelectorAll('#results thead th'))"
+                 ".findIndex(th => th.textContent === 'miou')")
+    tab.page.locator("#results thead th").nth(idx).click()
+    values = [v for v in _column_values(tab, "#results", idx) if v is not None]
+    assert values == sorted(values, reverse=True) == [64.0, 45.0, 40.0, 31.0, 30.0, 20.0, 12.5]
+    _click_header_sorts(tab, cmp, _unsorted_numeric_column(tab, cmp))
+    tab.assert_clean()

@@ -358,7 +358,8 @@ def score(ctx: RunContext, prep: Prepared, feats: dict) -> Outcome:
             panels.append((f"K={'gt (' + str(k) + ')' if label == 'gt' else k} {oc.modes[k]}", up))
         images = [val[i][:2] for i in range(n_maps)]
         artifacts = render_label_panels(Path(config.save_maps), ctx.benchmark, images,
-                                        np.asarray(feats["masks"][:n_maps]), panels, ignore)
+                                        np.asarray(feats["masks"][:n_maps]), panels, ignore,
+                                        class_names=val.class_names)
     save_maps_s = time.perf_counter() - t_maps
 
     notes = {
