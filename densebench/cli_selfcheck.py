@@ -43,7 +43,7 @@ def selfcheck(
     quick: Annotated[bool, typer.Option("--quick", help="A subset in seconds (one benchmark per protocol on the "
                                         "tiny synthetic suite, smaller retrieval / k-means / training runs).")
                      ] = False,
-    out: Annotated[Path | None, typer.Option("--out", help="The JSON report (default "
+    out: Annotated[Path | None, typer.Option("--out", metavar="FILE", help="The JSON report (default "
                                              "./densebench-selfcheck-<timestamp>.json; never replaced).")] = None,
     keep: Annotated[Path | None, typer.Option("--keep", help="Keep the working files (results, caches, training "
                                               "runs) in this new folder.")] = None,

@@ -12,11 +12,13 @@ Ctrl-C prints one line with the step reached and the command that continues the 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
 import shlex
 import sys
+import textwrap
 import typing
 from typing import Any
 
@@ -25,28 +27,99 @@ from densebench.errors import ConfigError, DenseBenchError
 from .trainer import TrainConfig
 
 HELP = {
+    # model
     "model": "base encoder: a densebench registry name, timm:<arch>, random:<arch> or neco:<checkpoint>",
-    "weights": "weights file for the base model (timm, Meta or NeCo format), as densebench --weights",
-    "model_kwargs": "extra timm.create_model kwargs as JSON, e.g. '{\"depth\": 2}'",
+    "weights": "weights file for the base model (timm, Meta or NeCo format), as densebench --weights "
+               "(default: the model's own pretrained weights)",
+    "model_kwargs": "extra timm.create_model kwargs as JSON, e.g. '{\"depth\": 2}' (default: none)",
     "pos_interp": "position-embedding resampling at other sizes: meta-offset (NeCo's training code) or timm",
-    "data": "training images: COCO (train2017/), an ImageNet-style tree, or any folder of images",
+    # data and crops
+    "data": "training images: COCO (train2017/), an ImageNet-style tree, or any folder of images (required)",
     "output": "run folder: checkpoints, train_state.pt, log.jsonl",
+    "epochs": "passes over the training images; the schedules span all of them",
     "batch_size": "images per process per step (the reference: 64 on one GPU)",
-    "global_size": "global crop size (default 518 for /14 models, 224 for /16)",
+    "global_size": "global crop side in pixels, a multiple of the patch size (default: auto, 518 for /14 models, "
+                   "224 for /16)",
+    "local_size": "local crop side in pixels, a multiple of the patch size",
+    "n_local": "local crops per image, besides the 2 global ones",
+    "global_scale": "area range of the global crops, as a fraction of the image (RandomResizedCrop scale)",
+    "local_scale": "area range of the local crops, as a fraction of the image",
+    "min_intersection": "each global crop overlaps the other by more than this fraction of the image area",
+    "photometric": "colour jitter, grayscale and blur on the crops (off: geometry only)",
+    # the method
+    "roi_size": "ROI-Align output side k: k*k query patches and k*k references per crop pair",
+    "head_hidden": "hidden width of the projection head MLP",
+    "head_out": "output dimension of the projection head (L2-normalised)",
+    "head_layers": "linear layers of the projection head",
     "references": "queue (teacher patch FIFO, the released configs) or batch (shuffled aligned teacher patches)",
+    "queue_length": "rows of the reference queue per global crop (split over processes with --queue-scope "
+                    "process)",
+    "queue_per_image": "teacher patches each image pushes into the queue per step",
     "queue_scope": "global: one queue, identical on all processes; process: one per process (the reference)",
     "queue_sampling": "uniform over filled rows, or legacy (randperm(length) %% entries, the reference)",
+    "student_steepness": "steepness of the student's differentiable sorting network (larger: harder permutations)",
+    "teacher_steepness": "steepness of the teacher's differentiable sorting network",
+    "network": "differentiable sorting network: bitonic or odd_even",
+    "distribution": "relaxation of the sorting network's swaps: cauchy, logistic, logistic_phi, gaussian, "
+                    "reciprocal or optimal",
     "log_floor": "floor P at the smallest float32 inside log (off = the reference's plain log)",
-    "teacher_head": "independent (reference, default): a separate random init; copy: starts as the student's",
-    "ema": "after (default) or before (reference: the teacher lags one update) the optimizer step",
+    # optimisation
+    "lr_backbone": "AdamW learning rate of the backbone (cosine schedule to --final-lr)",
+    "lr_head": "AdamW learning rate of the projection head (cosine schedule to --final-lr)",
+    "final_lr": "learning rate at the end of the cosine schedule",
+    "warmup_steps": "linear learning-rate warm-up steps (the reference: none)",
+    "weight_decay": "weight decay at the start (cosine schedule to --weight-decay-end)",
+    "weight_decay_end": "weight decay at the end of the schedule",
+    "momentum": "teacher EMA momentum at the start (cosine schedule to --momentum-end)",
+    "momentum_end": "teacher EMA momentum at the end of the schedule",
+    "drop_path": "stochastic depth rate of the student (the teacher has none)",
+    "teacher_head": "independent (the reference): a separate random init; copy: starts as the student's",
+    "ema": "teacher update after or before (the reference: the teacher lags one update) the optimizer step",
+    "seed": "seed of the crops, the data order, the references, the head initialisation and drop-path",
+    # execution
+    "device": "auto (CUDA when present), cpu, cuda or cuda:N; under torchrun cuda means the local rank's GPU",
     "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32; sorting and log stay fp32",
     "compile": "torch.compile the student",
     "workers": "data-loading processes per training process",
-    "max_steps": "stop after this many steps (the schedules still span all epochs)",
+    "max_steps": "stop after this many steps; the schedules still span all epochs (default: all epochs)",
     "save_every": "also checkpoint every N steps (0: at the end of each epoch and of the run)",
-    "resume": "run folder or train_state.pt to continue from (must match this configuration and data)",
+    "log_every": "write the mean loss to log.jsonl (and the terminal, with --progress) every N steps",
+    "progress": "a progress bar and the --log-every loss lines on the terminal",
+    "resume": "run folder or train_state.pt to continue from (must match this configuration and data) "
+              "(default: start a new run)",
     "overwrite": "replace the run already in --output (its checkpoints and log are deleted) instead of refusing",
 }
+
+#: Metavars of the string options (numbers show N or X; see build_parser).
+METAVAR = {"model": "MODEL", "weights": "FILE", "pos_interp": "MODE", "data": "DIR", "output": "DIR",
+           "references": "KIND", "queue_scope": "SCOPE", "queue_sampling": "MODE", "network": "NAME",
+           "distribution": "NAME", "teacher_head": "INIT", "ema": "ORDER", "device": "DEVICE",
+           "precision": "PRECISION", "resume": "PATH"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default after its help, as it is typed ("0.25 1.0", "on"); none where the help text says
+    what leaving the option out means (a None, empty or "" default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default:" in text or "%(default)" in text or action.default in (None, "", [], {}, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        default = action.default
+        if isinstance(default, bool):
+            action = copy.copy(action)
+            action.default = "on" if default else "off"
+        elif isinstance(default, (tuple, list)):
+            action = copy.copy(action)
+            action.default = " ".join(map(str, default))
+        return super()._expand_help(action)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # names like meta-offset and --final-lr stay whole on one line
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 class Interrupted(DenseBenchError):
@@ -64,14 +137,14 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neco_train", description="NeCo post-training of a ViT (densebench).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     hints = typing.get_type_hints(TrainConfig)
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         base, optional = _base_type(hints[f.name])
         default = getattr(defaults, f.name)
-        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": HELP.get(f.name, " ")}
+        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": HELP.get(f.name, "")}
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(base) is tuple:
@@ -79,19 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
         elif typing.get_origin(base) is dict or base is dict:
             parser.add_argument(flag, type=_json_object, metavar="JSON", **kw)
         elif optional and base is int:
-            parser.add_argument(flag, type=_optional_int, **kw)
+            parser.add_argument(flag, type=_optional_int, metavar="N", **kw)
         else:
-            parser.add_argument(flag, type=base, **kw)
+            parser.add_argument(flag, type=base, metavar=METAVAR.get(f.name, {int: "N", float: "X"}.get(base)), **kw)
     parser.add_argument("--dry-run", nargs="?", type=int, const=3, default=None, metavar="STEPS",
-                        help="time STEPS steps (after one warm-up step), print the projected time per epoch, "
-                             "write nothing")
+                        help="time STEPS steps (3 when no number is given; after one warm-up step), print the "
+                             "projected time per epoch, write nothing (default: train)")
     parser.add_argument("--bench", default=None, metavar="NAMES",
                         help="after training, run these densebench benchmarks (comma-separated) on the base and "
-                             "the trained model and print a before/after table")
-    parser.add_argument("--bench-data-root", default=None, help="densebench data root (default $DENSEBENCH_DATA)")
-    parser.add_argument("--bench-device", default=None, help="device for the benchmarks (default: the training one)")
+                             "the trained model and print a before/after table (default: none)")
+    parser.add_argument("--bench-data-root", default=None, metavar="DIR",
+                        help="densebench data root (default: $DENSEBENCH_DATA)")
+    parser.add_argument("--bench-device", default=None, metavar="DEVICE",
+                        help="device for the benchmarks (default: the training one)")
     parser.add_argument("--bench-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="protocol option for the benchmarks, e.g. input_size=224 (repeatable)")
+                        help="protocol option for the benchmarks, e.g. input_size=224; repeatable (default: none)")
     return parser
 
 
