@@ -13,7 +13,14 @@ and a denser one (more test pairs over the same 8 images per category, closer to
 test image appears in many pairs). Prints a table and writes bench/results/spair.json. The target is
 at least 5x faster on CPU with identical PCK. No timing assertions live in the tests.
 
+It also prints the bytes of feature grids read from the cache per evaluated pair: before, by the old
+formula (both grids read for every pair: 2 x grid bytes), and after, as measured by the run
+(``derived.grid_read_bytes``: each image's grid read once per category), for both suites and, on paper,
+for the SPair-71k test split (12,234 pairs) with a ViT-L/14 at the published 800 px (``--reads-only``
+skips the slow literal run, prints only these and writes bench/results/spair_reads.json).
+
     python bench/spair.py [--model random:vit_small_patch16_224] [--input-size 224] [--dense-pairs 24]
+                          [--reads-only]
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from densebench.encoders import load_encoder
 from densebench.features import FeatureCache
 from densebench.protocols.correspondence import Config, run
 from densebench.results import environment
+from densebench.transforms import SquarePadView
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -131,6 +139,54 @@ def make_suite(out: Path, dense_pairs: int | None) -> Path:
     return out
 
 
+def cache_reads(result, embed_dim: int) -> dict:
+    """Bytes of feature grids read from the cache per evaluated pair: the old formula (both grids of every
+    pair) against what the run read (its derived.grid_read_bytes)."""
+    d = result["derived"]
+    grid_bytes = d["feature_grid"] ** 2 * embed_dim * 2            # float16 (S, S, D) as cached
+    before = 2 * d["pairs"] * grid_bytes
+    return {"pairs": d["pairs"], "grid_bytes": grid_bytes, "grid_reads_before": 2 * d["pairs"],
+            "grid_reads_after": d["grid_reads"], "bytes_per_pair_before": before / d["pairs"],
+            "bytes_per_pair_after": d["grid_read_bytes"] / d["pairs"], "reduction": before / d["grid_read_bytes"]}
+
+
+def on_paper(pairs: int = 12_234, images: int = 1_800, size: int = 800, patch: int = 14, dim: int = 1024) -> dict:
+    """SPair-71k test with a ViT-L/14 at the published size (800 -> 812, a 58x58 grid of 1024 fp16 values).
+
+    Before: 2 grids per pair. After: one read per (category, image) of the test pairs, at most the 1,800
+    images SPair-71k has in all (its images belong to one category each), so the figure is an upper bound.
+    """
+    grid = SquarePadView(size, patch=patch).padded_size // patch
+    grid_bytes = grid * grid * dim * 2
+    before, after = 2 * pairs * grid_bytes, images * grid_bytes
+    return {"pairs": pairs, "images_at_most": images, "grid": grid, "dim": dim, "grid_bytes": grid_bytes,
+            "bytes_before": before, "bytes_after_at_most": after, "bytes_per_pair_before": before / pairs,
+            "bytes_per_pair_after_at_most": after / pairs, "reduction_at_least": before / after}
+
+
+def print_reads(rows: list[dict], paper: dict) -> None:
+    print(f"\n{'cache reads':<22}{'pairs':>7}{'grids before':>14}{'grids after':>13}{'KB/pair before':>16}"
+          f"{'KB/pair after':>15}{'less':>8}")
+    for r in rows:
+        c = r["cache_reads"]
+        print(f"{r['suite']:<22}{c['pairs']:>7}{c['grid_reads_before']:>14}{c['grid_reads_after']:>13}"
+              f"{c['bytes_per_pair_before'] / 1e3:>16.1f}{c['bytes_per_pair_after'] / 1e3:>15.1f}"
+              f"{c['reduction']:>7.2f}x")
+    print(f"\nSPair-71k test on paper: {paper['pairs']:,} pairs, ViT-L/14 at 800 px ({paper['grid']}x{paper['grid']}"
+          f"x{paper['dim']} fp16 = {paper['grid_bytes'] / 1e6:.2f} MB a grid): before {paper['bytes_before'] / 1e9:.1f}"
+          f" GB ({paper['bytes_per_pair_before'] / 1e6:.2f} MB/pair), after <= {paper['bytes_after_at_most'] / 1e9:.1f}"
+          f" GB (<= {paper['bytes_per_pair_after_at_most'] / 1e6:.2f} MB/pair, each of <= {paper['images_at_most']:,}"
+          f" images once): >= {paper['reduction_at_least']:.1f}x less")
+
+
+def measure_reads(label: str, data: Path, model: str, size: int, tmp: Path, per_category: int, seed: int) -> dict:
+    """Only the cache reads (no literal run): one densebench run on a fresh cache."""
+    enc = load_encoder(model)
+    res = run(enc, data, Config(input_size=size, pairs_per_category=per_category, seed=seed),
+              cache=FeatureCache(tmp / f"cache-{label}"), progress=False)
+    return {"suite": label, "cache_reads": cache_reads(res, enc.embed_dim)}
+
+
 def measure(label: str, data: Path, model: str, size: int, tmp: Path, per_category: int, seed: int) -> dict:
     enc = load_encoder(model)
     # Warm-up outside the timings: one forward, and the imports a result record makes (versions of
@@ -161,7 +217,8 @@ def measure(label: str, data: Path, model: str, size: int, tmp: Path, per_catego
             "pck_literal": {k: ref[k] for k in keys}, "pck_densebench": {k: cold["metrics"][k] for k in keys},
             "max_abs_pck_difference": diff, "identical": diff < 1e-9,
             "densebench_protocol_s": cold["provenance"]["timings"]["protocol_s"],
-            "warm_equals_cold": warm["metrics"] == cold["metrics"]}
+            "warm_equals_cold": warm["metrics"] == cold["metrics"],
+            "cache_reads": cache_reads(warm, enc.embed_dim)}
 
 
 def main() -> None:
@@ -172,14 +229,25 @@ def main() -> None:
     ap.add_argument("--pairs-per-category", type=int, default=200)
     ap.add_argument("--seed", type=int, default=20)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "spair.json"))
+    ap.add_argument("--reads-only", action="store_true", help="only the cache reads per pair (no literal run)")
     args = ap.parse_args()
 
     rows = []
+    paper = on_paper()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for label, dense in (("standard", None), (f"dense-{args.dense_pairs}", args.dense_pairs)):
             data = make_suite(tmp / label, dense)
-            rows.append(measure(label, data, args.model, args.input_size, tmp, args.pairs_per_category, args.seed))
+            rows.append((measure_reads if args.reads_only else measure)(
+                label, data, args.model, args.input_size, tmp, args.pairs_per_category, args.seed))
+    if args.reads_only:
+        print_reads(rows, paper)
+        out = Path(args.out).with_name("spair_reads.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"model": args.model, "input_size": args.input_size, "rows": rows,
+                                   "on_paper": paper}, indent=2))
+        print(f"wrote {out}")
+        return
     head = (f"{'suite':<11}{'pairs':>6}{'images':>7}{'literal s':>10}{'fwd':>6}{'dense s':>9}{'fwd':>5}"
             f"{'warm s':>8}{'speed-up':>9}{'pck lit':>9}{'pck db':>8}{'same':>6}")
     print(head)
@@ -190,8 +258,9 @@ def main() -> None:
               f"{r['pck_densebench']['pck@0.10']:>8.2f}{'yes' if r['identical'] else 'NO':>6}")
     print("\nspeed-up = literal wall time / densebench cold-cache wall time (target >= 5x, identical PCK);"
           " 'same': pck@0.10 overall and per viewpoint bucket agree to 1e-9 (float64 on both sides).")
+    print_reads(rows, paper)
     report = {"model": args.model, "input_size": args.input_size, "pairs_per_category": args.pairs_per_category,
-              "seed": args.seed, "torch_threads": torch.get_num_threads(), "rows": rows}
+              "seed": args.seed, "torch_threads": torch.get_num_threads(), "rows": rows, "on_paper": paper}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -7,6 +7,7 @@ encode position (PCK equals an analytic count), visibility and threshold edge ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -23,13 +24,19 @@ from densebench.options import non_semantic_fields
 from densebench.protocols.correspondence import (
     Config,
     Geometry,
+    _match_pairs,
+    extract_features,
     match_keypoints,
+    plan_reads,
+    prepare,
     resolve_canonical,
     run,
+    score,
     select_pairs,
     unit_keypoints,
     upsample_features,
 )
+from densebench.protocols.common import RunContext
 from densebench.transforms import SquarePadView
 
 SIDE = 224          # test images are SIDE x SIDE, the input size, so the view is a pure normalisation
@@ -129,7 +136,7 @@ def test_config_thresholds_are_parsed_from_cli_strings_and_checked():
     for field, value in (("pck_norm", "box"), ("split", "train"), ("patch_padding", "reflect"), ("upsample", 0),
                          ("upsample", 17), ("pairs_per_category", 0), ("dataset", "voc"), ("square_fill", 300),
                          ("square_fill", -1), ("input_size", 0), ("save_matches_count", -1), ("batch_size", 0),
-                         ("pair_batch", -1), ("num_workers", -1)):
+                         ("pair_batch", -1), ("num_workers", -1), ("grid_budget_mb", 0)):
         with pytest.raises(ConfigError) as e:
             Config(**{field: value})
         assert str(value) in str(e.value) and "--" + field.replace("_", "-") in str(e.value)
@@ -139,7 +146,7 @@ def test_config_thresholds_are_parsed_from_cli_strings_and_checked():
 
 def test_declared_options_non_semantic_fields_and_canonical_config():
     assert non_semantic_fields(Config) == {"batch_size", "num_workers", "pair_batch", "save_matches",
-                                           "save_matches_count"}
+                                           "save_matches_count", "grid_budget_mb"}
     assert "dataset" not in {o.name for o in Config.options()}
     assert {o.name: o.accepts for o in Config.options()}["pairs_per_category"] == ">= 1 or all"
     model = {"patch_size": 14}
@@ -429,6 +436,187 @@ def test_pair_list_restricts_and_save_matches_writes_pictures(tmp_path):
     arts = res["provenance"]["artifacts"]
     assert len(arts) == 1 and Image.open(arts[0]).size[1] > 200
     assert arts[0].endswith(names[2].replace(":", "_") + ".png")
+
+
+# --------------------------------------------------------- reading each grid once per category
+
+def _pair_rows(seed=0, cats=("cat", "dog", "bus"), n_pairs=60, n_images=9):
+    """(category, src row, trg row) with repeated images, flipped (a->b, b->a), self (a->a) and duplicate pairs."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for c, cat in enumerate(cats):
+        base = c * n_images
+        for _ in range(n_pairs // len(cats)):
+            a, b = (int(v) for v in base + rng.integers(0, n_images, 2))
+            out.append((cat, a, b))
+        out += [(cat, base, base + 1), (cat, base + 1, base), (cat, base, base), (cat, base, base + 1)]
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def _simulate(steps, pair_rows):
+    """Replay a plan: the grids read (a block not held by the previous step is read) and the most held."""
+    held, reads, peak = set(), [], 0
+    for step in steps:
+        rows = [r for b in step.blocks for r in b]
+        assert len(set(rows)) == len(rows), "a row sits in one block of a step"
+        assert {pair_rows[p][0] for p in step.pairs} == {step.category}
+        for p in step.pairs:   # a step holds both grids of every pair it matches
+            assert {pair_rows[p][1], pair_rows[p][2]} <= set(rows)
+        reads += [r for b in step.blocks if b not in held for r in b]
+        held = set(step.blocks)
+        peak = max(peak, len(rows))
+    return reads, peak
+
+
+def test_plan_reads_each_image_once_per_category_and_blocks_over_the_budget():
+    pair_rows = _pair_rows()
+    distinct = {(cat, r) for cat, s, t in pair_rows for r in (s, t)}
+    steps = plan_reads(pair_rows, max_images=100)
+    assert [st.category for st in steps] == ["bus", "cat", "dog"] and not any(st.blocked for st in steps)
+    covered = [p for st in steps for p in st.pairs]
+    assert sorted(covered) == list(range(len(pair_rows)))
+    for st in steps:   # a category's pairs keep their given order
+        assert list(st.pairs) == [p for p, (c, _, _) in enumerate(pair_rows) if c == st.category]
+    reads, peak = _simulate(steps, pair_rows)
+    assert sorted(reads) == sorted(r for _, r in distinct) and peak == 9
+    for budget in (2, 3, 5, 8):
+        steps = plan_reads(pair_rows, max_images=budget)
+        covered = [p for st in steps for p in st.pairs]
+        assert sorted(covered) == list(range(len(pair_rows))), "every pair matched exactly once"
+        reads, peak = _simulate(steps, pair_rows)
+        assert peak <= budget and all(st.blocked for st in steps)
+        assert set(reads) == {r for _, r in distinct} and len(reads) > len(distinct)
+    # a category that fits is read once even when another one does not
+    mixed = [("big", r, (r + 1) % 6) for r in range(6)] + [("small", 10, 11), ("small", 11, 10)]
+    steps = plan_reads(mixed, max_images=4)
+    assert [(st.category, st.blocked) for st in steps if st.category == "small"] == [("small", False)]
+    assert [st.blocks for st in steps if st.category == "small"] == [((10, 11),)]
+
+
+class CountingGrids:
+    """The cached feature array, counting which rows are read (fancy indexing with a list of rows)."""
+
+    def __init__(self, array):
+        self.array, self.rows = array, []
+
+    @property
+    def shape(self):
+        return self.array.shape
+
+    def __getitem__(self, key):
+        if isinstance(key, list):
+            self.rows += key
+        return self.array[key]
+
+
+def _hand_tree(tmp_path):
+    """Three categories of non-square noise images; pairs share images, come flipped (a->b and b->a), as
+    an image against itself and twice under two pair ids; all three viewpoint buckets."""
+    rng = np.random.default_rng(7)
+    images, pairs = {}, []
+    for c, (cat, n_img, n_kps) in enumerate((("cat", 5, 12), ("dog", 4, 9), ("bus", 3, 15))):
+        for i in range(n_img):
+            h, w = SIDE - 16 * ((i + c) % 3), SIDE - 24 * (i % 2)
+            arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            kps = [None if rng.uniform() < 0.15 else [float(rng.uniform(0, w - 1)), float(rng.uniform(0, h - 1))]
+                   for _ in range(n_kps)]
+            images[(cat, f"{cat}{i}")] = (arr, kps)
+        names = [f"{cat}{i}" for i in range(n_img)]
+        links = [(a, b) for a in range(n_img) for b in range(n_img) if a != b][: 3 * n_img]
+        links += [(0, 1), (1, 0), (0, 0), (0, 1)]
+        for k, (a, b) in enumerate(links):
+            pairs.append({"src": names[a], "trg": names[b], "cat": cat, "vp": k % 3,
+                          "trg_bbox": [4, 6, 4 + 90 + 7 * (k % 5), 6 + 80 + 5 * (k % 4)]})
+    write_spair(tmp_path, images, pairs)
+    return tmp_path
+
+
+def _per_pair_reference(config, prep, feats):
+    """The per-pair recipe: both grids read for every pair, one pair per batch, float64 PCK of my own."""
+    s = feats.shape[1] * config.upsample
+    geo = Geometry(config.input_size, prep.view.padded_size, prep.view.offset, s)
+    row = {id_: r for r, id_ in enumerate(prep.images.ids)}
+    preds, correct = {}, {}
+    for i in prep.used:
+        p = prep.pairs[i]
+        src, trg = (upsample_features(torch.from_numpy(np.asarray(feats[[row[p[k]]]])).float(), config.upsample)
+                    for k in ("src_id", "trg_id"))
+        uv = unit_keypoints(p["src_kps"], max(p["src_size"]), config.input_size, config.integer_keypoints)
+        pred, ok = match_keypoints(src, trg, torch.from_numpy(uv)[None], geo, cell_centre=config.cell_centre,
+                                   mutual=config.mutual)
+        preds[i] = pred[0].numpy()
+        side = float(max(p["trg_size"]))
+        true = unit_keypoints(p["trg_kps"], side, config.input_size, config.integer_keypoints)
+        x1, y1, x2, y2 = p["trg_bbox"]
+        scale = max(x2 - x1, y2 - y1) / side if config.pck_norm == "bbox" else 1.0
+        err = np.sqrt(((preds[i] - true) ** 2).sum(axis=1)) / scale
+        vis = p["src_vis"] & p["trg_vis"]
+        correct[i] = {a: ((err < a) & ok[0].numpy())[vis] for a in config.thresholds}
+    metrics = {}
+    for bucket, suffix in (("all", ""), (0, "_vp0"), (1, "_vp1"), (2, "_vp2")):
+        for a in config.thresholds:
+            pooled = {}
+            for i in prep.subsets.get(bucket, []):
+                pooled.setdefault(prep.pairs[i]["category"], []).extend(correct[i][a])
+            if pooled:
+                metrics[f"pck@{a:.2f}{suffix}"] = float(np.mean([100 * np.mean(v) for v in pooled.values()]))
+    return preds, metrics
+
+
+CASES = {
+    "synthetic-pixels": ("synthetic", "pixels", {"input_size": 160}),
+    "synthetic-vit-upsample-mutual": ("synthetic", "random:vit_tiny_patch16_224",
+                                      {"input_size": 160, "upsample": 2, "mutual": True}),
+    "hand-projection": ("hand", "projection", {"pairs_per_category": 4, "thresholds": "0.05,0.1,0.2"}),
+    "hand-projection-options": ("hand", "projection", {"cell_centre": True, "upsample": 3, "mutual": True,
+                                                       "integer_keypoints": True, "pck_norm": "image",
+                                                       "pair_batch": 3}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_category_scoring_equals_the_per_pair_recipe_and_reads_each_grid_once(case, synth_root, tmp_path):
+    data, model, options = CASES[case]
+    root = synth_root if data == "synthetic" else _hand_tree(tmp_path)
+    if model == "projection":
+        enc = ProjectionEncoder()
+    else:
+        from densebench.encoders import load_encoder
+        enc = load_encoder(model)
+    ctx = RunContext(encoder=enc, data_root=root, config=cfg(**options, num_workers=0),
+                     device="cpu", cache=None, progress=False, benchmark="spair-correspondence")
+    prep = prepare(ctx)
+    feats = extract_features(ctx, prep)
+    results = {}
+    for budget in (4096.0, 1e-6):     # everything held / two grids at a time (image blocks of one)
+        ctx.config = dataclasses.replace(ctx.config, grid_budget_mb=budget)
+        counted = CountingGrids(feats)
+        outcome = score(ctx, prep, counted)
+        results[budget] = outcome
+        pairs = [prep.pairs[i] for i in prep.used]
+        distinct = {(p["category"], p[k]) for p in pairs for k in ("src_id", "trg_id")}
+        d = outcome.derived
+        assert d["pairs"] == len(pairs) and d["grid_reads"] == len(counted.rows)
+        assert d["grid_read_bytes"] == len(counted.rows) * feats[0].nbytes
+        if budget == 4096.0:
+            assert sorted(counted.rows) == list(range(len(prep.images.ids)))    # every image read exactly once
+            assert d["grid_reads"] == len(distinct) < 2 * len(pairs) and d["grid_blocked_categories"] == 0
+        else:
+            assert d["grid_reads"] > len(distinct) and d["grid_blocked_categories"] >= 1
+        ref_preds, ref_metrics = _per_pair_reference(ctx.config, prep, feats)
+        s = feats.shape[1] * ctx.config.upsample
+        geo = Geometry(ctx.config.input_size, prep.view.padded_size, prep.view.offset, s)
+        matched = _match_pairs(ctx, prep, feats, geo, ctx.config.pair_batch or 8)
+        for i in prep.used:   # bit-identical predictions
+            assert np.array_equal(matched.preds[i], ref_preds[i]), prep.pairs[i]["name"]
+        assert set(ref_metrics) == {k for k in outcome.metrics if k.startswith("pck@")}
+        for k, v in ref_metrics.items():
+            assert outcome.metrics[k] == pytest.approx(v, abs=1e-9), k
+    assert results[4096.0].metrics == results[1e-6].metrics, "the read plan never changes a bit of a metric"
+    assert 0 < results[4096.0].metrics["pck@0.10"] < 100, "the case must discriminate"
+    if data == "hand":
+        assert any(p["src_id"] == p["trg_id"] for p in pairs), "the case has a pair of an image with itself"
 
 
 # -------------------------------------------------------------------------------------- bad input

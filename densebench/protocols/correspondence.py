@@ -2,12 +2,14 @@
 
 Each image of the evaluated pairs is padded to a square (bottom/right, white), resized to the input
 size and pushed through the encoder once; its patch features (last block without the final norm by
-default) are L2-normalised per location and cached. Every pair is then matched from the cache, in
-batches: the source keypoints' descriptors are sampled bilinearly (``grid_sample``, align_corners=True)
-from the source grid, the nearest neighbour (argmax of the dot product) over the target grid gives the
-predicted cell, and a keypoint is correct when its error is below alpha times the longest side of the
-target bounding box. Only keypoints visible in both images count. PCK pools keypoints within a
-category, then takes the unweighted mean over categories, for all pairs and per viewpoint bucket.
+default) are L2-normalised per location and cached. Every pair is then matched from the cache, a
+category at a time: each image's grid is read once per category and all the category's pairs are
+matched from it (``plan_reads`` bounds the memory), in batches. The source keypoints' descriptors are
+sampled bilinearly (``grid_sample``, align_corners=True) from the source grid, the nearest neighbour
+(argmax of the dot product) over the target grid gives the predicted cell, and a keypoint is correct
+when its error is below alpha times the longest side of the target bounding box. Only keypoints
+visible in both images count. PCK pools keypoints within a category, then takes the unweighted mean
+over categories, for all pairs and per viewpoint bucket.
 
 The reference forwards both images again for every pair and every bucket (about 28k forwards at 800²
 for the published subset); here each image is forwarded once, whatever the number of pairs, buckets,
@@ -106,6 +108,9 @@ class Config(ProtocolConfig):
     num_workers: int | None = option(None, "data-loading worker processes; auto: the usable cores, at most 8",
                                      min=0, none="auto", non_semantic=True)
     pair_batch: int = option(0, "pairs matched per batch; 0 = sized automatically", min=0, non_semantic=True)
+    grid_budget_mb: float = option(4096.0, "MiB of image feature grids held on the device while a category is "
+                                           "matched; a larger category is matched in image blocks (at least "
+                                           "two grids are held)", min=0, min_exclusive=True, non_semantic=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "thresholds", _parse_thresholds(self.thresholds))
@@ -323,6 +328,50 @@ def _auto_pair_batch(grid: int, dim: int) -> int:
     return max(1, min(256, int(32e6 // (grid * grid * max(1, dim)))))
 
 
+@dataclass(frozen=True)
+class ReadStep:
+    """One step of the matching plan: hold these image blocks' grids, match these pairs from them."""
+
+    category: str
+    blocks: tuple[tuple[int, ...], ...]   # feature rows, in blocks; a block is read (and upsampled) as one array
+    pairs: tuple[int, ...]                # positions in the pair list given to plan_reads
+    blocked: bool = False                 # the category is over the budget: one of several image-block steps
+
+
+def plan_reads(pair_rows: Sequence[tuple[str, int, int]], max_images: int) -> list[ReadStep]:
+    """Which feature grids to hold while matching which pairs: each image read once per category.
+
+    ``pair_rows``: (category, source row, target row) of every pair to match. Per category (in sorted
+    order; pairs in the given order), all the images its pairs use form one block, read once, and every
+    pair of the category is matched from it. A category using more than ``max_images`` images (the device
+    budget, at least 2: a pair needs two grids) is matched in image blocks of ``max_images // 2`` sorted
+    rows instead: for each block a, block a stays held while each block b >= a that shares pairs with it
+    is read in turn, so at most two blocks (``max_images`` grids) are held at once and block b is re-read
+    once per earlier block it shares pairs with. A step's pairs keep their given order.
+    """
+    by_cat: dict[str, list[int]] = {}
+    for pos, (cat, _src, _trg) in enumerate(pair_rows):
+        by_cat.setdefault(cat, []).append(pos)
+    steps = []
+    for cat in sorted(by_cat):
+        members = by_cat[cat]
+        rows = sorted({r for pos in members for r in pair_rows[pos][1:]})
+        if len(rows) <= max_images:
+            steps.append(ReadStep(cat, (tuple(rows),), tuple(members)))
+            continue
+        h = max(1, max_images // 2)
+        blocks = [tuple(rows[k:k + h]) for k in range(0, len(rows), h)]
+        block_of = {r: k // h for k, r in enumerate(rows)}
+        groups: dict[tuple[int, int], list[int]] = {}
+        for pos in members:
+            a, b = sorted((block_of[pair_rows[pos][1]], block_of[pair_rows[pos][2]]))
+            groups.setdefault((a, b), []).append(pos)
+        for a, b in sorted(groups):
+            held = (blocks[a],) if a == b else (blocks[a], blocks[b])
+            steps.append(ReadStep(cat, held, tuple(groups[(a, b)]), blocked=True))
+    return steps
+
+
 
 # ---------------------------------------------------------------------------------------------------
 # The recipe
@@ -372,39 +421,14 @@ def extract_features(ctx: RunContext, prep: Prepared) -> np.ndarray:
 
 
 def score(ctx: RunContext, prep: Prepared, feats_np: np.ndarray) -> Outcome:
-    """Match every evaluated pair from the cached grids in batches; PCK per category, overall, per bucket."""
+    """Match every evaluated pair from the cached grids, a category at a time; PCK per category, overall,
+    per bucket."""
     config, pairs, used = ctx.config, prep.pairs, prep.used
-    row_of = {id_: r for r, id_ in enumerate(prep.images.ids)}
-    dev = torch.device(ctx.device)
     s, dim = int(feats_np.shape[1]) * config.upsample, int(feats_np.shape[-1])
     geometry = Geometry(config.input_size, prep.view.padded_size, prep.view.offset, s)
     chunk = config.pair_batch or _auto_pair_batch(s, dim)
-    preds: dict[int, np.ndarray] = {}
-    mutual_ok: dict[int, np.ndarray] = {}
-    arrays: dict[int, PairBatch] = {}
-
-    def grids(rows: list[int]) -> torch.Tensor:
-        """(B, S, S, D) float32 grids of these feature rows on the device, upsampled as configured."""
-        return upsample_features(torch.from_numpy(np.asarray(feats_np[rows])).to(dev).float(),
-                                 config.upsample)
-
-    bar = progress_bar("matching pairs", total=len(used), enabled=ctx.progress)
-    with bar as advance, torch.inference_mode():
-        for start in range(0, len(used), chunk):
-            idx = used[start:start + chunk]
-            batch = pair_arrays([pairs[i] for i in idx], config.input_size, config.pck_norm,
-                                config.integer_keypoints)
-            src = grids([row_of[pairs[i]["src_id"]] for i in idx])
-            trg = grids([row_of[pairs[i]["trg_id"]] for i in idx])
-            pred, ok = match_keypoints(src, trg, torch.from_numpy(batch.src_uv).to(dev), geometry,
-                                       cell_centre=config.cell_centre, mutual=config.mutual)
-            pred, ok = pred.cpu().numpy(), ok.cpu().numpy()
-            for j, i in enumerate(idx):
-                m = len(pairs[i]["src_kps"])
-                preds[i], mutual_ok[i] = pred[j, :m], ok[j, :m]
-                arrays[i] = PairBatch(batch.src_uv[j, :m], batch.trg_uv[j, :m], batch.visible[j, :m],
-                                      batch.scale[j:j + 1])
-            advance(len(idx))
+    matched = _match_pairs(ctx, prep, feats_np, geometry, chunk)
+    preds, mutual_ok, arrays = matched.preds, matched.mutual_ok, matched.arrays
 
     def accumulate(indices: Sequence[int], by: tuple[str, ...]) -> PCKAccumulator:
         acc = PCKAccumulator(config.thresholds, by=by)
@@ -438,6 +462,8 @@ def score(ctx: RunContext, prep: Prepared, feats_np: np.ndarray) -> Outcome:
     derived = {
         "layer": ctx.encoder.layer, "mean": list(prep.mean), "std": list(prep.std),
         "geometry": geometry.describe(), "feature_grid": int(feats_np.shape[1]), "pair_batch": chunk,
+        "pairs": len(used), "grid_reads": matched.grid_reads, "grid_read_bytes": matched.grid_read_bytes,
+        "grid_blocked_categories": matched.blocked_categories,
         "pair_selection": {
             "rule": "explicit --pair-list" if config.pair_list else
                     "per category and per (category, viewpoint bucket): sort pair names, "
@@ -460,6 +486,85 @@ def score(ctx: RunContext, prep: Prepared, feats_np: np.ndarray) -> Outcome:
                "visible_keypoints": overall["num_keypoints"]}
     return Outcome(metrics=metrics, derived=derived, dataset=dataset, seeds={"pair_selection": config.seed},
                    artifacts=artifacts)
+
+
+@dataclass
+class Matched:
+    """Per evaluated pair (keyed by its index in ``Prepared.pairs``): predictions and keypoint arrays;
+    and how many feature grids were read from the cache to get them."""
+
+    preds: dict[int, np.ndarray]        # (K, 2) predicted target keypoints, units of the target square side
+    mutual_ok: dict[int, np.ndarray]    # (K,) the match is mutual (all True without --mutual)
+    arrays: dict[int, PairBatch]
+    grid_reads: int                     # grids read from the cache (one per category and image, unblocked)
+    grid_read_bytes: int                # their bytes (float16, as cached)
+    blocked_categories: int             # categories over --grid-budget-mb, matched in image blocks
+
+
+def _match_pairs(ctx: RunContext, prep: Prepared, feats_np: np.ndarray, geometry: Geometry,
+                 chunk: int) -> Matched:
+    """Match every evaluated pair, holding each category's image grids on the device (:func:`plan_reads`).
+
+    A grid is read from the (memory-mapped) cache, moved to the device and upsampled once per category,
+    not once per pair. Memory bound: the held grids (float16 as cached, float32 once upsampled) stay
+    within ``--grid-budget-mb`` (or two grids, the least a pair needs); a category over the budget is
+    matched in image blocks, re-reading a block once per earlier block it shares pairs with. On top of the
+    held grids: one batch of ``chunk`` source and target grids in float32, and while a block is upsampled,
+    ``chunk`` images' float16 -> float32 intermediates. Batches are stacked from the held grids in float32,
+    exactly as the per-pair recipe forms them, so the predictions do not depend on the plan.
+    """
+    config, pairs, used = ctx.config, prep.pairs, prep.used
+    row_of = {id_: r for r, id_ in enumerate(prep.images.ids)}
+    dev = torch.device(ctx.device)
+    per_image = feats_np[0].size * (2 if config.upsample == 1 else 4 * config.upsample ** 2)
+    steps = plan_reads([(pairs[i]["category"], row_of[pairs[i]["src_id"]], row_of[pairs[i]["trg_id"]])
+                        for i in used], max(2, int(config.grid_budget_mb * 2 ** 20 // per_image)))
+    out = Matched({}, {}, {}, 0, 0, len({st.category for st in steps if st.blocked}))
+
+    def read(rows: tuple[int, ...]) -> torch.Tensor:
+        """(B, S, S, D) grids of these feature rows on the device: float16 as cached, float32 upsampled."""
+        block = torch.from_numpy(np.asarray(feats_np[list(rows)])).to(dev)
+        out.grid_reads += len(rows)
+        out.grid_read_bytes += block.numel() * block.element_size()
+        if config.upsample == 1:
+            return block
+        up = torch.empty((len(rows), geometry.grid, geometry.grid, block.shape[-1]), device=dev)
+        for j in range(0, len(rows), chunk):
+            up[j:j + chunk] = upsample_features(block[j:j + chunk].float(), config.upsample)
+        return up
+
+    def match(step: ReadStep, held: dict[tuple[int, ...], torch.Tensor], advance) -> None:
+        where = {r: (grids, j) for b, grids in held.items() for j, r in enumerate(b)}
+
+        def stack(rows: list[int]) -> torch.Tensor:
+            return torch.stack([where[r][0][where[r][1]] for r in rows]).float()
+
+        for start in range(0, len(step.pairs), chunk):
+            idx = [used[pos] for pos in step.pairs[start:start + chunk]]
+            batch = pair_arrays([pairs[i] for i in idx], config.input_size, config.pck_norm,
+                                config.integer_keypoints)
+            src = stack([row_of[pairs[i]["src_id"]] for i in idx])
+            trg = stack([row_of[pairs[i]["trg_id"]] for i in idx])
+            pred, ok = match_keypoints(src, trg, torch.from_numpy(batch.src_uv).to(dev), geometry,
+                                       cell_centre=config.cell_centre, mutual=config.mutual)
+            pred, ok = pred.cpu().numpy(), ok.cpu().numpy()
+            for j, i in enumerate(idx):
+                m = len(pairs[i]["src_kps"])
+                out.preds[i], out.mutual_ok[i] = pred[j, :m], ok[j, :m]
+                out.arrays[i] = PairBatch(batch.src_uv[j, :m], batch.trg_uv[j, :m], batch.visible[j, :m],
+                                          batch.scale[j:j + 1])
+            advance(len(idx))
+
+    held: dict[tuple[int, ...], torch.Tensor] = {}
+    bar = progress_bar("matching pairs", total=len(used), enabled=ctx.progress)
+    with bar as advance, torch.inference_mode():
+        for step in steps:
+            held = {b: grids for b, grids in held.items() if b in step.blocks}   # free before reading more
+            for b in step.blocks:
+                if b not in held:
+                    held[b] = read(b)
+            match(step, held, advance)
+    return out
 
 
 def _draw(config: Config, prep: Prepared, preds: dict, mutual_ok: dict, arrays: dict) -> list[str]:
