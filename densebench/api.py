@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 
+from . import distributed
 from .benchmark_table import BenchmarkSpec, benchmarks, find_benchmark, select
 from .devices import resolve_device
 from .errors import ConfigError, DataError, ResultError, choices_message
@@ -215,8 +216,7 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
     ``protocol=`` names a protocol version (``hbird-2.0``, ``hbird-1.1``, ``neco-leopart``); it applies to the
     selected benchmarks of the protocol that has it.
     """
-    from .encoders import POS_INTERP_CHOICES, load_encoder
-    from .encoders.plugin import adopt_encoder
+    from .encoders import POS_INTERP_CHOICES
 
     check_precision(precision)
     if pos_interp not in POS_INTERP_CHOICES:
@@ -230,7 +230,21 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
                         "`densebench run` with no arguments runs the built-in synthetic suite")
     if not root.exists():
         raise DataError(f"data root {root} does not exist", hint="check --data-root / $DENSEBENCH_DATA")
-    device = resolve_device(device)
+    with distributed.joined(resolve_device(device)) as group:
+        return _evaluate(model, group, weights=weights, benchmarks=benchmarks, root=root,
+                         device=distributed.rank_device(resolve_device(device), group), cache_dir=cache_dir,
+                         use_cache=use_cache, output=output, overwrite=overwrite, progress=progress and group.is_main,
+                         layer=layer, feature_norm=feature_norm, options=options, on_result=on_result,
+                         verify_data=verify_data, pos_interp=pos_interp, precision=precision)
+
+
+def _evaluate(model, group, *, weights, benchmarks, root: Path, device: str, cache_dir, use_cache: bool, output,
+              overwrite: bool, progress: bool, layer, feature_norm, options: dict, on_result, verify_data: bool,
+              pos_interp: str, precision: str) -> list[Result]:
+    """:func:`evaluate` once its arguments are checked, on this rank of ``group`` (rank 0 writes and reports)."""
+    from .encoders import load_encoder
+    from .encoders.plugin import adopt_encoder
+
     benches = select_benchmarks(benchmarks, root)
     check_options(benches, options)
     configs = {}
@@ -240,7 +254,8 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
         if feature_norm is not None and "feature_norm" in _field_types(b.config_class):
             opts["feature_norm"] = feature_norm
         configs[b.name] = build_config(b, opts)
-    paths = output_paths(output, benches, overwrite=overwrite)
+    # rank 0 writes (and so checks) the result files; the other ranks only compute
+    paths = output_paths(output if group.is_main else None, benches, overwrite=overwrite)
     cache_root = resolve_cache_dir(cache_dir) if use_cache else None
     if cache_root is not None:
         check_writable_folder(cache_root, what="feature cache", hint="pass --cache-dir DIR on a writable disk "
@@ -264,7 +279,7 @@ def evaluate(model, *, weights: str | None = None, benchmarks: list[str] | str |
         if paths[b.name] is not None:
             save_result(result, paths[b.name], overwrite=overwrite)
         results.append(result)
-        if on_result is not None:
+        if on_result is not None and group.is_main:
             on_result(b, result, paths[b.name])
     return results
 
@@ -323,7 +338,7 @@ def embedded_default(out_dir: str | Path = "densebench-results", *, cache_dir: s
             results += evaluate(model, benchmarks=[b.name], data_root=suite, device=device, cache_dir=cache_root,
                                 output=folders[model] / f"{b.name}.json", progress=progress,
                                 options=dict(b.synthetic), on_result=on_result)
-    for model, folder in folders.items():
+    for model, folder in folders.items() if distributed.current().is_main else ():
         write_run_summary(folder, [r for r in results if r.model_name == model], device=device,
                           notes=reduced_settings_notes(specs))
     return list(folders.values()), results

@@ -112,6 +112,16 @@ class BenchmarkSpec:
             return self.protocol.run(encoder, data_root, config, benchmark=self.name, **kwargs)
 
 
+def _reads_old_configs(resolve: Resolver) -> Resolver:
+    """``resolve`` for configs recorded before ``limit`` (every protocol's ``--limit``) existed: they ran on whole
+    splits, i.e. ``limit`` None."""
+    def resolved(config: dict, model: dict) -> dict:
+        return resolve({"limit": None, **config}, model)
+
+    resolved.__doc__ = resolve.__doc__
+    return resolved
+
+
 def spec(name: str, protocol: ModuleType, dataset: DatasetFamily, description: str, *, main_metric: str,
          headline: Iterable[str] | None = None, citations: Iterable[str], overrides: Mapping | None = None,
          synthetic: Mapping | None = None) -> BenchmarkSpec:
@@ -119,7 +129,7 @@ def spec(name: str, protocol: ModuleType, dataset: DatasetFamily, description: s
     return BenchmarkSpec(name=name, protocol=protocol, dataset=dataset, description=description,
                          main_metric=main_metric, headline_metrics=tuple(headline or (main_metric,)),
                          citations=tuple(citations), non_semantic_fields=non_semantic_fields(protocol.Config),
-                         resolve_canonical=protocol.resolve_canonical, overrides=overrides or {},
+                         resolve_canonical=_reads_old_configs(protocol.resolve_canonical), overrides=overrides or {},
                          synthetic=synthetic or {})
 
 

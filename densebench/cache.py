@@ -20,6 +20,7 @@ Layout under ``<root>/features/<key[:2]>/``::
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -438,6 +439,65 @@ class FeatureCache:
                              f"this extraction but its disk has {human_bytes(free)} free "
                              f"(keeping {human_bytes(self.min_free_bytes)} spare)", hint=FIXES)
 
+    def _publish(self, tmp: Path, key: str, meta: dict) -> dict[str, np.ndarray]:
+        """Write ``meta.json`` into the finished folder ``tmp`` and rename it into place as entry ``key``
+        (caller holds the entry's lock); returns the entry's arrays."""
+        try:
+            _atomic_json(tmp / "meta.json", meta)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheError(f"the disk of the feature cache at {self.root} filled up while writing entry "
+                                 f"{key[:16]}", hint=FIXES) from e
+            raise
+        final = self._dir(key)
+        if final.exists():   # a damaged or foreign entry; we hold the lock, so nobody is building it
+            shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        (final / "progress.json").unlink(missing_ok=True)
+        self._verified[key] = self._signature(final, list(meta["arrays"]))   # just written and fsynced
+        out, problem = self._open(key)
+        if problem is not None:   # pragma: no cover - only a concurrent tamper gets here
+            raise CacheError(f"feature cache entry {key[:16]} is unreadable right after writing: {problem}")
+        return out
+
+    def assemble(self, key: str, parts: dict[str, Any], info: dict, part_keys: list[str]) -> dict[str, np.ndarray]:
+        """Entry ``key`` as the concatenation, in order, of the committed entries ``part_keys`` (the ranks'
+        slices of a distributed extraction); the parts are removed afterwards.
+
+        Each array's bytes are copied once (``os.copy_file_range`` where the kernel offers it, in bounded
+        chunks otherwise) and its blocks' checksums carry over from the parts, shifted, so nothing is
+        re-hashed. Done under the entry's lock; an entry that already exists is returned as it is."""
+        self.acquire(key)
+        try:
+            hit = self.load(key)
+            if hit is not None:
+                return hit
+            metas = []
+            for pk in part_keys:
+                d = self._dir(pk)
+                try:
+                    metas.append((d, json.loads((d / "meta.json").read_text()), _read_meta(d)))
+                except (OSError, ValueError, _Damaged) as e:
+                    raise CacheError(f"part {pk[:16]} of distributed feature cache entry {key[:16]} is missing or "
+                                     f"damaged ({e})", hint="run again: the missing part is extracted again") from None
+            tmp = self._partial_dir(key)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            arrays = _concatenate_parts(tmp, metas)
+            n_images = sum(int((m.get("info") or {}).get("n_images", 0)) for _, m, _ in metas)
+            meta = {"format": CACHE_FORMAT, "key": key, "arrays": arrays, "key_parts": parts,
+                    "info": {**info, "n_images": n_images}, "created": time.time(),
+                    "started": min(float(m.get("started", time.time())) for _, m, _ in metas),
+                    "shards": sum(int(m.get("shards", 0)) for _, m, _ in metas), "assembled_from": len(part_keys)}
+            out = self._publish(tmp, key, meta)
+        finally:
+            self.release(key)
+        for pk in part_keys:
+            shutil.rmtree(self._dir(pk), ignore_errors=True)
+            self._verified.pop(pk, None)
+        return out
+
     # --- housekeeping ------------------------------------------------------------------------------
     def _try_lock(self, key: str) -> filelock.BaseFileLock | None:
         """The entry's lock taken without waiting (a fresh lock object, so our own holds count as busy)."""
@@ -586,6 +646,58 @@ class FeatureCache:
             return not entry.path.exists()
         finally:
             lk.release()
+
+
+def _copy_bytes(src: Path, dst, nbytes: int) -> None:
+    """Append ``nbytes`` of ``src`` to the open file ``dst`` (in the kernel where it can; bounded memory)."""
+    with open(src, "rb") as f:
+        left = nbytes
+        if hasattr(os, "copy_file_range"):
+            try:
+                while left:
+                    done = os.copy_file_range(f.fileno(), dst.fileno(), min(left, 1 << 30))
+                    if done <= 0:
+                        break
+                    left -= done
+            except OSError:
+                f.seek(nbytes - left)
+        while left:
+            chunk = f.read(min(left, _READ_CHUNK))
+            if not chunk:
+                raise CacheError(f"{src} ended {left} bytes early while assembling a feature cache entry")
+            dst.write(chunk)
+            left -= len(chunk)
+
+
+def _concatenate_parts(tmp: Path, metas: list[tuple[Path, dict, list[tuple]]]) -> dict:
+    """Write each array of the parts, in order, into ``tmp/<name>.bin``; returns the assembled ``arrays``
+    block of meta.json (the parts' checksummed blocks, offsets shifted)."""
+    names = list(dict.fromkeys(spec[0] for _, _, specs in metas for spec in specs))
+    arrays = {}
+    for name in names:
+        specs = [next((s for s in specs if s[0] == name), None) for _, _, specs in metas]
+        kinds = {(s[1].str, s[2][1:]) for s in specs if s is not None}
+        if len(kinds) != 1:
+            raise CacheError(f"the parts of a distributed feature cache entry disagree on array {name}: {kinds}")
+        dtype, tail = kinds.pop()
+        blocks, offset, rows = [], 0, 0
+        with open(tmp / f"{name}.bin", "wb") as out:
+            for (d, meta, _), spec in zip(metas, specs):
+                if spec is None:
+                    continue
+                raw = meta["arrays"][name]["blocks"]
+                for b in raw:
+                    blocks.append({"offset": offset + int(b["offset"]), "nbytes": int(b["nbytes"]),
+                                   "rows": int(b.get("rows", 0)), "crc32": int(b["crc32"])})
+                if spec[3]:
+                    _copy_bytes(d / f"{name}.bin", out, spec[3])
+                offset += spec[3]
+                rows += spec[2][0]
+            out.flush()
+            os.fsync(out.fileno())
+        arrays[name] = {"dtype": dtype, "shape": [rows, *tail], "nbytes": offset, "checksum": CHECKSUM,
+                        "blocks": blocks}
+    return arrays
 
 
 def _read_progress(d: Path) -> dict | None:
@@ -862,24 +974,12 @@ class CacheWriter:
         info = {**self.info, "n_images": total_images}
         meta = {"format": CACHE_FORMAT, "key": self.key, "arrays": arrays, "key_parts": self.parts, "info": info,
                 "created": time.time(), "started": self._started, "shards": len(self.shards)}
+        tmp, self.tmp = self.tmp, None
         try:
-            _atomic_json(self.tmp / "meta.json", meta)
-        except OSError as e:
-            self._raise_if_full(e)
+            return self.cache._publish(tmp, self.key, meta)
+        except BaseException:
+            self.tmp = tmp
             raise
-        final = self.cache._dir(self.key)
-        if final.exists():   # a damaged or foreign entry; we hold the lock, so nobody is building it
-            shutil.rmtree(final, ignore_errors=True)
-        os.replace(self.tmp, final)
-        _fsync_dir(final.parent)
-        (final / "progress.json").unlink(missing_ok=True)
-        names = list(arrays)
-        self.cache._verified[self.key] = self.cache._signature(final, names)   # just written and fsynced
-        self.tmp = None
-        out, problem = self.cache._open(self.key)
-        if problem is not None:   # pragma: no cover - only a concurrent tamper gets here
-            raise CacheError(f"feature cache entry {self.key[:16]} is unreadable right after writing: {problem}")
-        return out
 
     def abort(self) -> None:
         """Stop writing. Complete views are kept as a last shard, so a rerun resumes after them; a partial

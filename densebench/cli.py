@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .cli_help import install as use_conventional_metavars
 from .errors import ConfigError, DenseBenchError, choices_message
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -24,6 +25,7 @@ list_app = typer.Typer(help="List models and benchmarks.", no_args_is_help=True)
 data_app = typer.Typer(help="Check or prepare dataset folders.", no_args_is_help=True)
 app.add_typer(list_app, name="list")
 app.add_typer(data_app, name="data")
+use_conventional_metavars(app)  # help shows --seed N, --out DIR, ... (not <int>, <path>)
 out = Console()
 err = Console(stderr=True)
 
@@ -180,6 +182,8 @@ def run(
     pos_interp: str = typer.Option("auto", "--pos-interp", help="Position-embedding resampling of timm ViTs: "
                                       "timm, meta-offset, or auto (per benchmark, what the code behind its "
                                       "published rows used)."),
+    limit: int | None = typer.Option(None, "--limit", help="Smoke test on real data: only the first N images of "
+                                        "every split (SPair: pairs, DAVIS: sequences); results are non-standard."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Evaluate an encoder. With no arguments: every benchmark on the built-in synthetic suite (offline, CPU).
@@ -187,7 +191,7 @@ def run(
     Protocol options are passed as --name value, e.g. --memory-size all --neighbours 30 --augment-epochs 2
     (see `densebench list benchmarks --options`).
     """
-    from . import api
+    from . import api, distributed
     from .paths import slug
 
     extra = parse_extra_options(list(ctx.args))
@@ -197,47 +201,55 @@ def run(
             raise ConfigError(choices_message("--feature-norm", feature_norm, ["on", "off"]))
         norm = feature_norm.lower() == "on"
     common = {"input_size": input_size, "batch_size": batch_size, "seed": seed, "num_workers": num_workers,
-              "protocol": protocol}
+              "protocol": protocol, "limit": limit}
     device = api.resolve_device(device)
-    if model is None:
-        if (data_root or weights or extra or verify_data or pos_interp != "auto" or precision != "auto"
-                or any(v is not None for v in common.values())):
-            raise ConfigError("--model is required when options other than --benchmark are given",
-                              hint="`densebench run` without --model runs the embedded default (built-in models "
-                                   "on the synthetic suite); otherwise name the model, e.g. --model dinov2_vits14")
-        rows = []
-        folders, results = api.embedded_default(output or "densebench-results", cache_dir=cache_dir, device=device,
-                                                progress=not quiet, benchmark_names=benchmark,
-                                                on_result=lambda b, r, p: rows.append((r["model"]["name"], r, p)))
-        _print_results(rows)
-        _print_comparison(results)
-        from .benchmark_table import get_benchmark
+    with distributed.session(device) as group:   # torchrun / srun: rank 0 writes and prints
+        if model is None:
+            if (data_root or weights or extra or verify_data or pos_interp != "auto" or precision != "auto"
+                    or any(v is not None for v in common.values())):
+                raise ConfigError("--model is required when options other than --benchmark are given",
+                                  hint="`densebench run` without --model runs the embedded default (built-in models "
+                                       "on the synthetic suite); otherwise name the model, e.g. --model dinov2_vits14")
+            rows = []
+            folders, results = api.embedded_default(output or "densebench-results", cache_dir=cache_dir, device=device,
+                                                    progress=not quiet, benchmark_names=benchmark,
+                                                    on_result=lambda b, r, p: rows.append((r["model"]["name"], r, p)))
+            if not group.is_main:
+                return
+            _print_results(rows)
+            _print_comparison(results)
+            from .benchmark_table import get_benchmark
 
-        notes = api.reduced_settings_notes([get_benchmark(n) for n in dict.fromkeys(r.benchmark for r in results)])
-        if notes:
-            out.print("reduced settings of the embedded default (not the published protocols):", highlight=False)
-            for line in notes:
-                out.print("  " + line, markup=False, highlight=False, soft_wrap=True)
-        return
-    models = [m.strip() for m in model.split(",") if m.strip()] if not Path(model).exists() else [model]
-    if len(models) > 1 and weights:
-        raise ConfigError("--weights applies to one model; several were given with --model",
-                          hint="run each model with its own --weights")
-    stamp = api.timestamp()
-    opts = {**common, **extra}
-    for name in models:
-        # results are data, never only printed: <out>/<model>/<timestamp>/ unless -o names the place
-        folder = (Path(output) / slug(name) if output is not None and len(models) > 1 else output)
-        folder = folder if folder is not None else api.run_folder("densebench-results", name, stamp)
-        rows = []
-        results = api.evaluate(name, weights=weights, benchmarks=benchmark, data_root=data_root, device=device,
-                               cache_dir=cache_dir, use_cache=not no_cache, output=folder, overwrite=overwrite,
-                               progress=not quiet, layer=layer, feature_norm=norm, options=opts,
-                               verify_data=verify_data, pos_interp=pos_interp, precision=precision,
-                               on_result=lambda b, r, p, rows=rows, name=name: rows.append((name, r, p)))
-        _print_results(rows)
-        if Path(folder).suffix != ".json":
-            api.write_run_summary(folder, results, device=device)
+            notes = api.reduced_settings_notes([get_benchmark(n) for n in dict.fromkeys(r.benchmark for r in results)])
+            if notes:
+                out.print("reduced settings of the embedded default (not the published protocols):", highlight=False)
+                for line in notes:
+                    out.print("  " + line, markup=False, highlight=False, soft_wrap=True)
+            return
+        models = [m.strip() for m in model.split(",") if m.strip()] if not Path(model).exists() else [model]
+        if len(models) > 1 and weights:
+            raise ConfigError("--weights applies to one model; several were given with --model",
+                              hint="run each model with its own --weights")
+        stamp = api.timestamp()
+        opts = {**common, **extra}
+        for name in models:
+            # results are data, never only printed: <out>/<model>/<timestamp>/ unless -o names the place
+            folder = (Path(output) / slug(name) if output is not None and len(models) > 1 else output)
+            folder = folder if folder is not None else api.run_folder("densebench-results", name, stamp)
+            rows = []
+            results = api.evaluate(name, weights=weights, benchmarks=benchmark, data_root=data_root, device=device,
+                                   cache_dir=cache_dir, use_cache=not no_cache, output=folder, overwrite=overwrite,
+                                   progress=not quiet, layer=layer, feature_norm=norm, options=opts,
+                                   verify_data=verify_data, pos_interp=pos_interp, precision=precision,
+                                   on_result=lambda b, r, p, rows=rows, name=name: rows.append((name, r, p)))
+            if not group.is_main:
+                continue
+            _print_results(rows)
+            if limit is not None:
+                out.print(f"--limit {limit}: a smoke test on the first {limit} items of each split; these results "
+                          "are non-standard (recorded in their config, marked on leaderboards)", highlight=False)
+            if Path(folder).suffix != ".json":
+                api.write_run_summary(folder, results, device=device)
 
 
 FORMAT_HELP = "table (default), json, csv, markdown or plain (tab-separated)."

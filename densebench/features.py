@@ -49,7 +49,8 @@ from .cache import (  # noqa: F401  (re-exported: the cache's public names)
     cache_key,
     estimate_entry_bytes,
 )
-from . import precision
+from . import distributed, precision
+from .errors import ConfigError
 from .progress import progress_bar
 
 #: view(index, image, mask) -> (image tensor (3, H, W) normalised, mask tensor (H', W') uint8/long). The
@@ -70,12 +71,13 @@ _EMPTY = torch.zeros(0, dtype=torch.uint8)
 
 
 def default_workers() -> int:
-    """DataLoader workers when a protocol's ``num_workers`` is automatic: the usable cores, at most 8."""
+    """DataLoader workers when a protocol's ``num_workers`` is automatic: the usable cores, at most 8; under
+    torchrun / srun the cores are divided among the processes of this machine."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):   # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
-    return max(1, min(MAX_AUTO_WORKERS, cores))
+    return max(1, min(MAX_AUTO_WORKERS, cores // distributed.local_world_size()))
 
 
 @dataclass
@@ -371,7 +373,17 @@ class _Engine:
                 **more}
 
     # --- one cache entry ---------------------------------------------------------------------------
-    def entry(self, parts: dict, info: dict, build: Callable[[CacheWriter], dict]) -> tuple[dict, bool]:
+    def entry(self, parts: dict, info: dict, make, reduce: Reducer, *, forward: bool,
+              desc: str) -> tuple[dict, bool]:
+        """``(arrays, computed)``: the entry's arrays from the cache, or computed (views through ``make``, the
+        encoder when ``forward``, then ``reduce``). Under torchrun / srun each rank computes its slice of the
+        views as a part entry and the parts are assembled into this one (:meth:`_sharded`)."""
+        group = distributed.current()
+        if group.enabled:
+            return self._sharded(group, parts, info, make, reduce, forward=forward, desc=desc)
+        return self._entry(parts, info, lambda w: self.run(w, make, reduce, forward=forward, desc=desc))
+
+    def _entry(self, parts: dict, info: dict, build: Callable[[CacheWriter], dict]) -> tuple[dict, bool]:
         """``(arrays, computed)``: the entry's arrays from the cache, or built by ``build(writer)`` under the
         entry's lock (resuming an interrupted build; a damaged entry is reported, discarded and rebuilt)."""
         key = cache_key(parts)
@@ -398,6 +410,43 @@ class _Engine:
         self.stats.entries_rebuilt += cache.discarded - discarded
         return hit, False
 
+    def _sharded(self, group, parts: dict, info: dict, make, reduce: Reducer, *, forward: bool,
+                 desc: str) -> tuple[dict, bool]:
+        """A distributed extraction: every rank agrees whether the entry exists; if not, rank r computes views
+        ``shard(n)`` as a part entry (resumable on its own), and once every part is complete rank 0 assembles
+        them into the entry (the bytes copied once, checksums carried over) for every rank to load."""
+        cache = self.cache
+        if cache is None or not cache.enabled:
+            raise ConfigError("a distributed run (torchrun / srun) hands features between its processes through "
+                              "the feature cache, which --no-cache turns off",
+                              hint="drop --no-cache and give every process the same --cache-dir on a shared disk")
+        key, n = cache_key(parts), len(self.dataset)
+        cache.clean_orphans()
+        hit = cache.load(key)
+        if all(group.gather(hit is not None, f"{desc}: cache lookup")):
+            self.stats.entries.append(key[:16])
+            cache.hits += 1
+            return hit, False
+        # in whole batches, so that every batch holds the views a single process would batch together (the
+        # same features bit for bit, whatever a batched kernel does with its batch size)
+        b_lo, b_hi = group.shard(-(-n // self.batch_size))
+        lo, hi = min(n, b_lo * self.batch_size), min(n, b_hi * self.batch_size)
+        part_parts = {**parts, "part": {"views": [lo, hi], "of": n}}
+        part_info = {**info, "n_views": hi - lo, "part": f"views {lo}..{hi} of {n} (rank {group.rank})"}
+        group.stage = f"{desc}: extracting views {lo}..{hi}"
+        self._entry(part_parts, part_info, lambda w: self.run(w, make, reduce, forward=forward, desc=desc,
+                                                                span=(lo, hi)))
+        part_keys = group.gather(cache_key(part_parts), f"{desc}: extraction")
+        if group.is_main:
+            group.stage = f"{desc}: assembling the cache entry"
+            cache.assemble(key, parts, {**info, "n_views": n}, part_keys)
+        group.sync(f"{desc}: assembling the cache entry")
+        out = cache.load(key)
+        if out is None:
+            raise CacheError(f"feature cache entry {key[:16]} assembled by rank 0 cannot be read on rank {group.rank}",
+                             hint="every process needs the same --cache-dir on a disk they all see")
+        return out, True
+
     def _say_waiting(self) -> None:
         if self.progress:
             from .progress import console
@@ -405,20 +454,24 @@ class _Engine:
                           highlight=False)
 
     # --- one pass over the data ----------------------------------------------------------------------
-    def run(self, writer: CacheWriter, make, reduce: Reducer, *, forward: bool, desc: str) -> dict[str, np.ndarray]:
-        """Views ``writer.start..`` through ``make`` (in workers), the encoder when ``forward``, and ``reduce``
-        into ``writer``; commits it, or keeps its complete views for a resume (on any error)."""
-        n = len(self.dataset)
-        start = writer.start
+    def run(self, writer: CacheWriter, make, reduce: Reducer, *, forward: bool, desc: str,
+            span: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+        """Views ``span`` (default: all; ``writer.start`` of them already done) through ``make`` (in workers),
+        the encoder when ``forward``, and ``reduce`` into ``writer``; commits it, or keeps its complete views
+        for a resume (on any error)."""
+        lo, hi = span if span is not None else (0, len(self.dataset))
+        start = lo + writer.start
         if forward:
-            self.stats.views_reused += start
+            self.stats.views_reused += writer.start
+        else:
+            self.stats.masks_read += hi - start
         t0 = time.perf_counter()
         try:
-            with progress_bar(desc, total=n, enabled=self.progress) as advance:
-                if start:
-                    advance(start)
-                if start < n:
-                    self._pass(writer, make, reduce, forward, advance)
+            with progress_bar(desc, total=hi - lo, enabled=self.progress) as advance:
+                if writer.start:
+                    advance(writer.start)
+                if start < hi:
+                    self._pass(writer, _Items(hi, make, start), reduce, forward, advance)
             out = writer.commit()
         except BaseException:
             writer.abort()
@@ -426,12 +479,10 @@ class _Engine:
         self.stats.extraction_s += time.perf_counter() - t0
         return out
 
-    def _pass(self, writer: CacheWriter, make, reduce: Reducer, forward: bool, advance) -> None:
-        n, start = len(self.dataset), writer.start
-        items = _Items(n, make, start)
+    def _pass(self, writer: CacheWriter, items: _Items, reduce: Reducer, forward: bool, advance) -> None:
         finish = getattr(self.view, "finish", None) if self.cuda else None   # on CPU the workers finish
-        writer.reserve(self._bytes_per_view(items, reduce, forward, finish) * (n - start))
-        workers = min(self.num_workers, (n - start) // VIEWS_PER_WORKER)
+        writer.reserve(self._bytes_per_view(items, reduce, forward, finish) * len(items))
+        workers = min(self.num_workers, len(items) // VIEWS_PER_WORKER)
         device_side = self.cuda and forward   # a masks-only pass stays on the host
         loader = DataLoader(items, batch_size=self.batch_size, shuffle=False, num_workers=workers,
                             pin_memory=device_side)
@@ -440,7 +491,9 @@ class _Engine:
             self.encoder.eval().to(self.device)
             if self.cuda:
                 self.encoder.to(memory_format=torch.channels_last)
-        sink = _Sink(writer, reduce, n, self.stats, device_side)
+        sink = _Sink(writer, reduce, len(items), self.stats, device_side)
+        group = distributed.current()
+        polled = time.monotonic()
         try:   # on the extraction's GPU: events and streams are those of the current device
             with torch.cuda.device(self.device) if device_side else contextlib.nullcontext():
                 for images, masks, indices in batches:
@@ -448,6 +501,9 @@ class _Engine:
                     sink.put(feats, masks, indices, timing, release=images)
                     del images, masks, feats
                     advance(len(indices))
+                    if group.enabled and time.monotonic() - polled > 2.0:   # another rank failed: stop now
+                        polled = time.monotonic()
+                        group.check_abort()
         finally:
             sink.close()
 
@@ -520,7 +576,7 @@ def extract(encoder, dataset, view: View, *, key_parts: dict[str, Any] | None = 
              **key_parts}
     make = _WholeItem(dataset, view, finish_here=not eng.cuda)
     reduce = reducer if reducer is not None else default_reducer
-    out, computed = eng.entry(parts, eng.info(), lambda w: eng.run(w, make, reduce, forward=True, desc=desc))
+    out, computed = eng.entry(parts, eng.info(), make, reduce, forward=True, desc=desc)
     stats.cache_misses += computed
     stats.cache_hits += not computed
     return out
@@ -533,19 +589,13 @@ def _extract_split(eng: _Engine, extra: dict) -> dict[str, np.ndarray]:
     mask_parts = {"entry": "view-masks", "view": view.describe_mask(), **extra,
                   "dataset": {"name": ds.name, "split": ds.split, "manifest": ds.manifest_hash()}}
     kind = view.describe_mask().get("view", "?")
-
-    def build_masks(w: CacheWriter) -> dict:
-        out = eng.run(w, _MaskPart(ds, view), _masks_only, forward=False, desc=f"{eng.desc} (masks)")
-        eng.stats.masks_read += len(ds) - w.start
-        return out
-
-    masks, masks_computed = eng.entry(mask_parts, eng.info(model="(masks)", view=f"{kind}/masks"), build_masks)
+    masks, masks_computed = eng.entry(mask_parts, eng.info(model="(masks)", view=f"{kind}/masks"), _MaskPart(ds, view),
+                                      _masks_only, forward=False, desc=f"{eng.desc} (masks)")
     feat_parts = {"entry": "image-features", "encoder": eng.encoder_key(),
                   "images": {"manifest": image_manifest(ds), "n": len(ds)}, "view": view.describe_image(),
                   "reduce": "full-f16", **extra}
     make = _ImagePart(ds, view, finish_here=not eng.cuda)
-    feats, feats_computed = eng.entry(feat_parts, eng.info(),
-                                      lambda w: eng.run(w, make, _features_only, forward=True, desc=eng.desc))
+    feats, feats_computed = eng.entry(feat_parts, eng.info(), make, _features_only, forward=True, desc=eng.desc)
     computed = masks_computed or feats_computed
     eng.stats.cache_misses += computed
     eng.stats.cache_hits += not computed

@@ -189,12 +189,17 @@ def non_semantic_fields(config_cls: type) -> frozenset[str]:
                      if (s := option_spec(f)) is not None and s.non_semantic)
 
 
+@dataclasses.dataclass(frozen=True)
 class ProtocolConfig:
     """Base of every protocol Config: declared options are checked when the config is made.
 
     Subclasses put rules that involve several fields in ``check()``; a field that needs normalising
     first (a comma list given as one string) does it in ``__post_init__`` before calling super().
+    The one field every protocol has, ``limit``, comes first.
     """
+
+    limit: int | None = option(None, "Smoke test on real data: only the first N images of every split (SPair: "
+                                     "pairs, DAVIS: sequences); the result is non-standard.", min=1, none="all")
 
     def __post_init__(self) -> None:
         self.validate()

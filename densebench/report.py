@@ -740,7 +740,10 @@ def write_report(results: Sequence[str | os.PathLike], out: str | os.PathLike, *
     ``out/index.html``. ``leaderboard``: where the published rows come from (default: the shipped one)."""
     paths, warnings = result_paths(results)
     if not paths:
-        raise ResultError("no result files given", hint="densebench report RESULT.json... --out DIR")
+        folders = [str(p) for p in map(Path, results) if Path(p).is_dir()]
+        where = f": {', '.join(folders)} holds no result files (*.json)" if folders else " given"
+        raise ResultError(f"no results{where}", hint="densebench report RESULT.json... (or a folder of densebench "
+                                                      "results) --out DIR")
     from . import __version__
 
     items = read_items(paths)

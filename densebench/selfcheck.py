@@ -744,8 +744,10 @@ def run_command_args(bench, suite: Path, device: str, folder: Path) -> list[str]
 def _launch(cmd: list[str], folder: Path) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    # two ranks on one GPU: NCCL refuses a communicator with the same GPU twice, gloo takes it
+    env = {**os.environ, "DENSEBENCH_DIST_BACKEND": "gloo"}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DISTRIBUTED_TIMEOUT_S)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DISTRIBUTED_TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired:
         return {"command": cmd, "returncode": None, "seconds": DISTRIBUTED_TIMEOUT_S,
                 "error": f"no result after {DISTRIBUTED_TIMEOUT_S} s (a hang?)"}
@@ -757,6 +759,7 @@ def _launch(cmd: list[str], folder: Path) -> dict[str, Any]:
         result = read_result(folder / "result.json")
         run["value"] = result.main_score
         run["images_forwarded"] = result.provenance.get("cache", {}).get("images_forwarded")
+        run["distributed"] = result.derived.get("distributed")
     return run
 
 
@@ -784,5 +787,9 @@ def check_distributed(ctx: Context, check: Check) -> None:
     check.details["difference_points"] = diff
     check.figure = (f"{bench.main_metric} {runs[2]['value']:.4f} (2 processes) vs {runs[1]['value']:.4f} (1), "
                     f"{runs[2]['seconds']:.0f} s vs {runs[1]['seconds']:.0f} s")
+    shares = (runs[2].get("distributed") or {}).get("images_forwarded_per_rank")
+    check.details["forwards_per_rank"] = shares
+    check.require(shares is not None and len(shares) == 2 and sum(shares) == runs[1]["images_forwarded"],
+                  f"the 2 ranks forwarded {shares} images, the single process {runs[1]['images_forwarded']}")
     check.require(abs(diff) <= DISTRIBUTED_TOLERANCE_POINTS,
                   f"2 processes differ from 1 by {diff:+.4f} points (tolerance {DISTRIBUTED_TOLERANCE_POINTS})")

@@ -12,12 +12,14 @@ process group at all.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# the launch environment is read as densebench run reads it (one implementation)
+from densebench.distributed import first_slurm_host, select_backend, slurm_environment  # noqa: F401
 
 
 @dataclass
@@ -60,38 +62,6 @@ class DistContext:
     def close(self) -> None:
         if self.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def select_backend(device: str) -> str:
-    """NCCL when training runs on CUDA (``--device cuda[:N]``, or ``auto`` with a GPU), else gloo."""
-    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return "nccl" if on_cuda and torch.cuda.is_available() else "gloo"
-
-
-def first_slurm_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: ``gpu[003-005,010],cpu01`` -> ``gpu003``."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        return nodelist
-    prefix, ranges = m.groups()
-    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
-
-
-def slurm_environment(env: dict[str, str] | None = None) -> dict[str, str] | None:
-    """torchrun-style variables for a task that ``srun`` started, or None when this is not such a task.
-
-    ``WORLD_SIZE`` set (torchrun, or a launcher of its own) wins; so does a single-task step."""
-    env = os.environ if env is None else env
-    if "WORLD_SIZE" in env or "SLURM_PROCID" not in env:
-        return None
-    world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
-    if int(world) <= 1:
-        return None
-    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "0"
-    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": world, "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-            "MASTER_ADDR": env.get("MASTER_ADDR") or (first_slurm_host(nodes) if nodes else "127.0.0.1"),
-            "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(job) % 20000)}
 
 
 def init_distributed(device: str) -> DistContext:

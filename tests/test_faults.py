@@ -155,7 +155,7 @@ PRE_WORK = [
     ("report-binary", lambda t, d, r: ["report", str(_binary(t)), "--out", str(t / "report")],
      ["bin.json", "not a text file", "fix:"], []),
     ("report-folder", lambda t, d, r: ["report", str(_folder(t)), "--out", str(t / "report")],
-     ["results", "is a folder", "fix:"], []),
+     ["results", "holds no result files", "fix:"], []),
     ("leaderboard-folder", lambda t, d, r: ["submit", r, "--allow-nonstandard", "--leaderboard", str(_folder(t))],
      ["results", "is a folder", "fix:"], []),
 ]

@@ -8,6 +8,8 @@ home holding several of them side by side (``<home>/VOCSegmentation``, ``<home>/
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from pathlib import Path
 
@@ -108,8 +110,23 @@ def open_dataset(family: str | DatasetFamily, data_root: str | os.PathLike | Non
                  id_list: IdList = None) -> SegmentationDataset:
     """Open ``split`` of ``family`` under ``data_root``; ``id_list`` (ids or a list file) restricts the ids."""
     fam = get_family(family)
-    return fam.open(find_root(fam, data_root), split, id_list=id_list)
+    ds = fam.open(find_root(fam, data_root), split, id_list=id_list)
+    n = _LIMIT.get()
+    return ds if n is None else ds.limited(n)
+
+
+_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("densebench_limit", default=None)
+
+
+@contextlib.contextmanager
+def limited(n: int | None):
+    """While active, :func:`open_dataset` opens only the first ``n`` items of every split (``--limit``; None: all)."""
+    token = _LIMIT.set(n)
+    try:
+        yield
+    finally:
+        _LIMIT.reset(token)
 
 
 __all__ = ["FAMILIES", "FRACTION_SEEDS", "DatasetFamily", "SegmentationDataset", "available", "find_root",
-           "fraction_list", "get_family", "open_dataset", "shipped_path", "splits"]
+           "fraction_list", "get_family", "limited", "open_dataset", "shipped_path", "splits"]

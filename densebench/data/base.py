@@ -9,6 +9,7 @@ supercategory ids), with ``ignore_index`` marking pixels that are never scored.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -271,6 +272,10 @@ class SegmentationDataset:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def limited(self, n: int) -> SegmentationDataset:
+        """The first ``n`` items of this split (``--limit``, a smoke test; a new object with its own manifest)."""
+        return dataclasses.replace(self, ids=list(self.ids[:n]))
 
     # Subclasses implement these two; the base class checks and maps.
     def image_path(self, id_: str) -> Path:  # pragma: no cover - overridden

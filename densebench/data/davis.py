@@ -50,6 +50,11 @@ class DavisDataset(SegmentationDataset):
         """Object ids as stored (palette indices); any value is valid."""
         return raw
 
+    def limited(self, n: int) -> DavisDataset:
+        """The first ``n`` sequences, every frame of each (``--limit``: a sequence cut short is no sequence)."""
+        frames = dict(list(self.frames.items())[:n])
+        return dataclasses.replace(self, ids=[i for seq in frames for i in self.frame_ids(seq)], frames=frames)
+
     def frame_ids(self, sequence: str) -> list[str]:
         return [f"{sequence}/{f}" for f in self.frames[sequence]]
 

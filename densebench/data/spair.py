@@ -10,6 +10,8 @@ marked invisible and counted (``out_of_image``) instead of crashing or silently 
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +110,11 @@ class SPairDataset(SegmentationDataset):
     out_of_image: int = 0
     _pairs: list[dict] | None = None
 
+    def limited(self, n: int) -> SPairDataset:
+        """The first ``n`` pairs and the images they use (``--limit``)."""
+        names = list(self.pair_names[:n])
+        return dataclasses.replace(self, pair_names=names, ids=_pair_images(names), _pairs=None)
+
     def image_path(self, id_: str) -> Path:
         return self.root / "JPEGImages" / f"{id_}.jpg"
 
@@ -188,6 +195,11 @@ class SPairDataset(SegmentationDataset):
         return out
 
 
+def _pair_images(names: list[str]) -> list[str]:
+    """The images (``'<cat>/<img>'``, sorted) that the pairs ``names`` use."""
+    return sorted({f"{c}/{i}" for n in names for (_, s, t, c) in [parse_pair_name(n)] for i in (s, t)})
+
+
 def open_spair(root: Path, split: str, *, id_list: IdList = None) -> SPairDataset:
     """Open a SPair-71k split ('trn', 'val', 'test'); ``id_list`` may restrict it to given pair names."""
     if split not in SPLITS:
@@ -196,7 +208,6 @@ def open_spair(root: Path, split: str, *, id_list: IdList = None) -> SPairDatase
     names, source, synthetic = resolve_ids(root, "spair", split, id_list,
                                            [root / "Layout" / "large" / f"{split}.txt"],
                                            hint="re-extract SPair-71k.tar.gz (it ships Layout/large/*.txt)")
-    image_ids = sorted({f"{c}/{i}" for n in names for (_, s, t, c) in [parse_pair_name(n)] for i in (s, t)})
-    return SPairDataset(name="spair", split=split, root=root, ids=image_ids, num_classes=VOC_NUM_CLASSES,
+    return SPairDataset(name="spair", split=split, root=root, ids=_pair_images(names), num_classes=VOC_NUM_CLASSES,
                         ignore_index=255, class_names=voc_class_names(), synthetic=synthetic,
                         extra={"id_source": source, "categories": categories()}, pair_names=names)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import precision
+from .. import data, distributed, precision
 from ..errors import ConfigError
 from ..features import ExtractionStats, FeatureCache, Reducer, View, default_workers, extract
 from ..results import Result, make_result
@@ -41,6 +41,8 @@ class RunContext:
     benchmark: str
     stats: ExtractionStats = field(default_factory=ExtractionStats)
     t_start: float = field(default_factory=time.perf_counter)
+    #: the ranks of a torchrun / srun launch (one process: every method a no-op); see densebench.distributed
+    group: distributed.Group = field(default_factory=distributed.current)
 
     def extract(self, dataset, view: View, *, desc: str, reducer: Reducer | None = None,
                 norm: bool | None = None) -> dict[str, np.ndarray]:
@@ -48,6 +50,28 @@ class RunContext:
         return extract(self.encoder, dataset, view, cache=self.cache, device=self.device,
                        batch_size=self.config.batch_size, num_workers=self.config.num_workers, reducer=reducer,
                        norm=norm, desc=desc, progress=self.progress, stats=self.stats)
+
+
+    def extract_each(self, jobs: list[tuple[Any, View, dict]]) -> list[dict[str, np.ndarray]]:
+        """Many small extractions (DAVIS: one entry per sequence), ``jobs`` = ``[(dataset, view, extract kwargs)]``.
+
+        Under torchrun / srun each whole entry is computed by one rank (the longest first, each to the least
+        loaded rank: a sequence shorter than a batch per rank would leave ranks idle if split), then every
+        rank loads them all from the cache."""
+        g = self.group
+        if g.enabled:
+            load = [0] * g.world
+            mine = []
+            for i in sorted(range(len(jobs)), key=lambda i: (-len(jobs[i][0]), i)):
+                r = load.index(min(load))
+                load[r] += len(jobs[i][0])
+                if r == g.rank:
+                    mine.append(i)
+            with distributed.alone():
+                for i in sorted(mine):
+                    self.extract(jobs[i][0], jobs[i][1], **jobs[i][2])
+            g.sync(f"{self.benchmark}: extraction")
+        return [self.extract(ds, view, **kw) for ds, view, kw in jobs]
 
 
 @dataclass
@@ -69,20 +93,45 @@ def run_protocol(protocol: ModuleType, encoder, data_root, config, *, device: st
     config = resolve_workers(config)
     ctx = RunContext(encoder=encoder, data_root=Path(data_root), config=config, device=str(device), cache=cache,
                      progress=progress, benchmark=benchmark)
-    prepared = protocol.prepare(ctx)
+    group = ctx.group
+    group.stage = f"{benchmark}: preparing"
+    with data.limited(config.limit):   # --limit N: every split opened in prepare is cut to its first N items
+        prepared = protocol.prepare(ctx)
+    group.stage = f"{benchmark}: extracting features"
     features = protocol.extract_features(ctx, prepared)
     t_extracted = time.perf_counter()
-    outcome = protocol.score(ctx, prepared, features)
+    group.stage = f"{benchmark}: scoring"
+    outcome, scoring = _score(protocol, ctx, prepared, features)
     t_done = time.perf_counter()
     timings = {"extraction_s": ctx.stats.extraction_s, "forward_s": ctx.stats.forward_s,
                "protocol_s": t_done - t_extracted, **outcome.timings,
                "total_s": time.perf_counter() - ctx.t_start}
     derived = {**outcome.derived, "precision": precision.record(torch.device(ctx.device).type)}
+    cache_stats = {**ctx.stats.as_dict(), "enabled": bool(cache is not None and cache.enabled)}
+    if group.enabled:   # every rank's share of the work; the record is rank 0's, with the totals
+        ranks = group.gather({"images_forwarded": ctx.stats.images_forwarded, "forward_s": ctx.stats.forward_s,
+                              "extraction_s": ctx.stats.extraction_s}, f"{benchmark}: collecting statistics")
+        cache_stats["images_forwarded"] = sum(r["images_forwarded"] for r in ranks)
+        derived["distributed"] = {**group.describe(), "scoring": scoring,
+                                  "images_forwarded_per_rank": [r["images_forwarded"] for r in ranks],
+                                  "extraction_s_per_rank": [round(r["extraction_s"], 3) for r in ranks]}
     return make_result(benchmark=benchmark, model=encoder.describe(), config=dataclasses.asdict(ctx.config),
                        derived=derived, metrics=outcome.metrics, device=str(device), seeds=outcome.seeds,
-                       timings=timings, dataset=outcome.dataset,
-                       cache={**ctx.stats.as_dict(), "enabled": bool(cache is not None and cache.enabled)},
+                       timings=timings, dataset=outcome.dataset, cache=cache_stats,
                        artifacts=outcome.artifacts or None)
+
+
+def _score(protocol: ModuleType, ctx: RunContext, prepared, features) -> tuple[Outcome, str]:
+    """The protocol's ``score`` and how it ran: on every rank when the module shards its own scoring
+    (``SHARDED_SCORE``, reading ``ctx.group``), else on rank 0 while the others wait for its Outcome."""
+    group = ctx.group
+    if not group.enabled:
+        return protocol.score(ctx, prepared, features), "single process"
+    if getattr(protocol, "SHARDED_SCORE", False):
+        outcome = protocol.score(ctx, prepared, features)
+        return outcome, outcome.derived.get("sharding", "sharded")
+    outcome = protocol.score(ctx, prepared, features) if group.is_main else None
+    return group.share(outcome, f"{ctx.benchmark}: scoring on rank 0"), "rank 0"
 
 
 def resolve_workers(config):

@@ -35,7 +35,7 @@ from PIL import Image
 
 from ..data import get_family, open_dataset
 from ..data.base import open_image
-from ..data.davis import SPLITS, DavisDataset
+from ..data.davis import SPLITS, VOID, DavisDataset
 from ..davis_metrics import BOUND_TH, DavisAccumulator
 from ..errors import ConfigError, DataError
 from ..options import ProtocolConfig, option
@@ -310,11 +310,9 @@ def prepare(ctx: RunContext) -> Prepared:
 
 def extract_features(ctx: RunContext, prep: Prepared) -> dict[str, np.ndarray]:
     """One forward per frame, one cache entry per sequence: {sequence: (T, gh, gw, D) unit float16}."""
-    out = {}
-    for seq in prep.sequences:
-        out[seq] = ctx.extract(prep.davis.sequence(seq), prep.view, reducer=UnitFeatureReducer(),
-                               norm=ctx.config.feature_norm, desc=f"DAVIS {seq}")["features"]
-    return out
+    jobs = [(prep.davis.sequence(seq), prep.view, {"reducer": UnitFeatureReducer(), "norm": ctx.config.feature_norm,
+                                                    "desc": f"DAVIS {seq}"}) for seq in prep.sequences]
+    return {seq: arrays["features"] for seq, arrays in zip(prep.sequences, ctx.extract_each(jobs))}
 
 
 def _query_chunk(config: Config, n_context: int, cells: int) -> int:
@@ -341,7 +339,8 @@ def _picture(config: Config, prep: Prepared, benchmark: str, seq: str, gt: np.nd
     images = [(ids[t], open_image(prep.davis.image_path(ids[t]))) for t in frames]
     pred = np.stack([preds[t - 1] for t in frames])
     return render_label_panels(Path(config.save_predictions).expanduser() / "pictures", f"{benchmark}_{seq}",
-                               images, gt[frames], [("prediction", pred)], None)
+                               images, gt[frames], [("prediction", pred)], None,
+                               class_names=["background", *(f"object {i}" for i in range(1, VOID)), "void"])
 
 
 def score(ctx: RunContext, prep: Prepared, feats: dict[str, np.ndarray]) -> Outcome:
