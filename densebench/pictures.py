@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .results import file_mode_for, real_path
+from .results import atomic_write_bytes
 
 #: Caption and legend text size (px); the caption strip and legend rows are sized from it.
 FONT_SIZE = 16
@@ -36,29 +35,9 @@ def _font(size: int = FONT_SIZE):
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Binary counterpart of :func:`densebench.results.atomic_write_text` (PNG pictures and plots): a temporary
-    file in the same folder, fsync, rename; the file gets an existing file's permission bits, else the umask's
-    (0644 under umask 022: a web server can read it), never ``mkstemp``'s 0600."""
-    path = real_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = file_mode_for(path)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
-        tmp = f.name
-        try:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        except BaseException:
-            f.close()
-            os.unlink(tmp)
-            raise
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    """PNG pictures and plots, written atomically with readable permission bits
+    (:func:`densebench.results.atomic_write_bytes`)."""
+    return atomic_write_bytes(path, data)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:

@@ -22,7 +22,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -308,6 +308,33 @@ def _link_new(tmp: str, path: Path, mode: int) -> None:
         os.replace(tmp, path)
         return
     os.unlink(tmp)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Binary counterpart of :func:`atomic_write_text`: ``write(tmp)`` fills a temporary file in the same folder
+    (a PNG, a safetensors checkpoint), then fsync and rename. The file gets an existing file's permission bits,
+    else the umask's (0644 under umask 022: a lab's web server can read it), never ``mkstemp``'s 0600; a
+    symlink is written through to its target. Returns the path written."""
+    path = real_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = file_mode_for(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """:func:`atomic_write` of ``data``."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, exclusive: bool = False) -> Path:

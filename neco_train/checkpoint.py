@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,28 +22,15 @@ from typing import Any
 import torch
 
 from densebench.errors import ConfigError, ModelError
-from densebench.results import atomic_write_text, file_mode_for
+from densebench.results import atomic_write, atomic_write_text
 
 NECO_FORMAT = "densebench-neco-1"
 STATE_FORMAT = "neco-train-state-1"
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Binary counterpart of densebench's ``atomic_write_text``: ``write(tmp)``, fsync, rename; the file gets
-    the same permission bits a text result would (the old file's, else the umask's; not mkstemp's 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = file_mode_for(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, mode)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """``write(tmp)``, fsync, rename, with a result's permission bits (:func:`densebench.results.atomic_write`)."""
+    atomic_write(path, write)
 
 
 def checkpoint_paths(stem: str | os.PathLike) -> tuple[Path, Path]:
