@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich import box
 from rich.console import Console
 
-from .tables import Col, emit
-from rich.table import Table
+from .tables import Col, check_format, emit
 
 from .cache import EntryInfo, FeatureCache, human_bytes
 from .errors import ConfigError
@@ -28,7 +26,9 @@ cache_app = typer.Typer(help="Inspect, check and prune the feature cache.", no_a
 
 CacheDirOption = Annotated[str | None, typer.Option("--cache-dir", help="Feature cache (default $DENSEBENCH_CACHE "
                                                     "or the user cache dir).")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Same as --format json.")]
+FormatOption = Annotated[str, typer.Option("--format", "-f", metavar="FORMAT", help="table (default), json, csv, "
+                                           "markdown or plain (tab-separated).")]
 
 
 def _cache(cache_dir: str | None) -> FeatureCache:
@@ -49,20 +49,22 @@ def _emit_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=1, default=str))
 
 
-def ls(cache_dir: CacheDirOption = None, as_json: JsonOption = False) -> None:
+def ls(cache_dir: CacheDirOption = None, fmt: FormatOption = "table", as_json: JsonOption = False) -> None:
     """List cache entries: key (first 12 characters), kind, model, dataset/split, view kind, rows (views), size,
-    age, last use. --json gives every field and the full keys."""
+    age, last use. --format json gives every field and the full keys."""
+    fmt = check_format(fmt, as_json)
     cache = _cache(cache_dir)
     entries = sorted(cache.iter_entries(), key=lambda e: -(e.last_used or 0))
-    if as_json:
+    if fmt == "json":
         _emit_json([e.as_dict() for e in entries])
         return
     console = Console()
-    if not entries:
+    if not entries and fmt == "table":
         console.print(f"no feature cache entries under {cache.root}", highlight=False)
         return
     now = time.time()
-    console.print(f"feature cache {cache.root}", highlight=False)
+    if fmt == "table":
+        console.print(f"feature cache {cache.root}", highlight=False)
     # Keys, sizes and ages are never cut; model and data fold; the view only when there is room.
     rows = [{"key": e.key[:12], "kind": e.kind + ("*" if e.owner_alive else ""), "model": e.model,
              "data": f"{e.dataset}/{e.split}", "view": e.view, "rows": "-" if e.rows is None else e.rows,
@@ -70,14 +72,17 @@ def ls(cache_dir: CacheDirOption = None, as_json: JsonOption = False) -> None:
             for e in entries]
     emit(console, rows, [Col("key", role="key"), Col("kind", role="key"), Col("model"), Col("data"),
                          Col("view", role="secondary"), Col("rows", role="number"), Col("size", role="number"),
-                         Col("age", role="number"), Col("used", role="secondary")], "table")
+                         Col("age", role="number"), Col("used", role="secondary")], fmt)
+    if fmt != "table":
+        return
     console.print(f"{len(entries)} item(s), {human_bytes(sum(e.size_bytes for e in entries))}"
                   + ("; partial*: its extraction is running" if any(e.owner_alive for e in entries) else ""),
                   highlight=False)
 
 
-def du(cache_dir: CacheDirOption = None, as_json: JsonOption = False) -> None:
+def du(cache_dir: CacheDirOption = None, fmt: FormatOption = "table", as_json: JsonOption = False) -> None:
     """Disk use of the cache, per model and kind, and the space left on its disk."""
+    fmt = check_format(fmt, as_json)
     cache = _cache(cache_dir)
     entries = list(cache.iter_entries())
     by_model: dict[str, dict] = {}
@@ -90,17 +95,20 @@ def du(cache_dir: CacheDirOption = None, as_json: JsonOption = False) -> None:
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    if as_json:
+    if fmt == "json":
         _emit_json({"root": str(cache.root), "total_bytes": total, "free_bytes": free, "by_model": by_model})
         return
     console = Console()
+    rows = [{"model": model, **{k: row[k] for k in ("entries", "partial", "legacy")},
+             "size": human_bytes(row["bytes"]) if fmt == "table" else row["bytes"]}
+            for model, row in sorted(by_model.items(), key=lambda kv: -kv[1]["bytes"])]
+    columns = [Col("model", role="key"), *(Col(c, role="number") for c in ("entries", "partial", "legacy")),
+               Col("size", role="number")]
+    if fmt != "table":
+        emit(console, rows, columns, fmt)
+        return
     console.print(f"feature cache {cache.root}", highlight=False)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, show_edge=False)
-    for col in ("model", "entries", "partial", "legacy", "size"):
-        table.add_column(col, justify="left" if col == "model" else "right", overflow="fold")
-    for model, row in sorted(by_model.items(), key=lambda kv: -kv[1]["bytes"]):
-        table.add_row(model, str(row["entries"]), str(row["partial"]), str(row["legacy"]), human_bytes(row["bytes"]))
-    console.print(table)
+    emit(console, rows, columns, fmt)
     console.print(f"total {human_bytes(total)} in {len(entries)} item(s); {human_bytes(free)} free on its disk",
                   highlight=False)
 

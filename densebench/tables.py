@@ -43,12 +43,19 @@ def _width(rows: Sequence[dict], col: Col) -> int:
     return max([len(col.title)] + [len(cell(r.get(col.key))) for r in rows]) + 3
 
 
-def render(rows: Sequence[dict], columns: Sequence[Col], fmt: str, *, title: str = "", width: int = 80) -> Any:
-    """A rich Table for ``table`` (fitted to ``width``), else the text of the other formats."""
+def check_format(fmt: str, as_json: bool = False) -> str:
+    """The ``--format`` asked for (``--json`` wins), refused with the choices when it is not one of :data:`FORMATS`."""
+    fmt = "json" if as_json else fmt
     if fmt not in FORMATS:
         from .errors import ConfigError, choices_message
 
         raise ConfigError(choices_message("--format", fmt, FORMATS))
+    return fmt
+
+
+def render(rows: Sequence[dict], columns: Sequence[Col], fmt: str, *, title: str = "", width: int = 80) -> Any:
+    """A rich Table for ``table`` (fitted to ``width``), else the text of the other formats."""
+    check_format(fmt)
     if fmt == "json":
         return json.dumps([{c.key: r.get(c.key) for c in columns} for r in rows], indent=2, default=str)
     if fmt == "csv":
@@ -86,7 +93,8 @@ def render(rows: Sequence[dict], columns: Sequence[Col], fmt: str, *, title: str
 def emit(console: Console, rows: Sequence[dict], columns: Sequence[Col], fmt: str, *, title: str = "") -> None:
     """Print ``rows`` in ``fmt``; text formats are printed verbatim (no wrapping, no markup)."""
     out = render(rows, columns, fmt, title=title, width=console.width)
-    if isinstance(out, str):
-        console.print(out, markup=False, highlight=False, soft_wrap=True)
+    if isinstance(out, str):   # written as is: rich would expand the tabs of `plain` into spaces
+        console.file.write(out if out.endswith("\n") else out + "\n")
+        console.file.flush()
     else:
         console.print(out)

@@ -620,6 +620,20 @@ def test_cache_cli_ls_du_verify_prune_path(tmp_path):
     res = runner.invoke(app, ["cache", "du", *cd, "--json"])
     assert res.exit_code == 0 and json.loads(res.output)["by_model"]["meancolour"]["entries"] == 2
     assert runner.invoke(app, ["cache", "du", *cd]).exit_code == 0
+    # scripts: csv / plain / markdown carry the same rows, sizes in bytes where a program reads them
+    import csv
+    import io
+
+    res = runner.invoke(app, ["cache", "du", *cd, "--format", "csv"])
+    rows = list(csv.DictReader(io.StringIO(res.output)))
+    by_model = json.loads(runner.invoke(app, ["cache", "du", *cd, "--json"]).output)["by_model"]
+    assert {r["model"]: int(r["size"]) for r in rows} == {m: v["bytes"] for m, v in by_model.items()}
+    res = runner.invoke(app, ["cache", "ls", *cd, "-f", "plain"])
+    lines = res.output.strip().splitlines()
+    assert lines[0].split("\t")[:2] == ["key", "kind"] and len(lines) == 1 + len(items)
+    assert {ln.split("\t")[0] for ln in lines[1:]} == {i["key"][:12] for i in items}
+    res = runner.invoke(app, ["cache", "ls", *cd, "-f", "xml"])   # main() turns it into exit 2
+    assert "unknown --format 'xml'" in str(res.exception)
 
     res = runner.invoke(app, ["cache", "path", *cd])
     assert res.output.strip() == str(tmp_path)
