@@ -168,25 +168,27 @@ def test_an_existing_report_is_never_replaced(tmp_path, capsys):
 
 
 def test_distributed_check_compares_two_processes_with_one_once_densebench_supports_it(tmp_path, monkeypatch):
-    """With a densebench.distributed that says it is supported, the check launches 1 and 2 processes (here a
-    stand-in for the launch) and compares their metrics; until then it is a SKIP with the reason."""
+    """The check launches 1 and 2 processes (here a stand-in for the launch), compares their metrics and the
+    ranks' forwards; without a densebench.distributed that says it is supported it is a SKIP with the reason."""
     ctx = selfcheck.Context(device="cpu", quick=True, work=tmp_path, sizes=selfcheck.QUICK,
                             shared={"suite": tmp_path / "suite"})
+    assert selfcheck.distributed_supported()[0]
+    fake = type(sys)("densebench.distributed")
+    fake.is_supported = lambda: False
+    monkeypatch.setitem(sys.modules, "densebench.distributed", fake)
     check = selfcheck.Check("distributed", "distributed")
     selfcheck.check_distributed(ctx, check)
-    if selfcheck.distributed_supported()[0]:  # pragma: no cover - once densebench run is distributed
-        assert check.status in ("PASS", "FAIL")
-    else:
-        assert check.status == "SKIP" and "single-process" in check.reason
-    fake = type(sys)("densebench.distributed")
+    assert check.status == "SKIP" and "single-process" in check.reason
     fake.is_supported = lambda: True
-    monkeypatch.setitem(sys.modules, "densebench.distributed", fake)
-    for two, status in ((41.25, "PASS"), (41.5, "FAIL")):
+    for two, shares, status in ((41.25, [5, 5], "PASS"), (41.5, [5, 5], "FAIL"), (41.25, [10, 0], "FAIL")):
         launched = []
 
-        def launch(cmd, folder, two=two, launched=launched):
+        def launch(cmd, folder, two=two, shares=shares, launched=launched):
             launched.append(cmd)
-            return {"returncode": 0, "value": two if "torch.distributed.run" in cmd else 41.25, "seconds": 1.0}
+            if "torch.distributed.run" in cmd:
+                return {"returncode": 0, "value": two, "seconds": 1.0, "images_forwarded": 10,
+                        "distributed": {"images_forwarded_per_rank": shares}}
+            return {"returncode": 0, "value": 41.25, "seconds": 1.0, "images_forwarded": 10}
 
         monkeypatch.setattr(selfcheck, "_launch", launch)
         check = selfcheck.Check("distributed", "distributed")
