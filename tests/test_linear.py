@@ -185,28 +185,43 @@ def test_evaluate_head_downsamples_masks_by_nearest():
 
 # ----------------------------------------------------------------------------------- training
 
-def _literal_training(views, C, ignore, cfg):
-    """The published loop written out plainly: features upsampled first, fresh data per epoch, StepLR per epoch."""
-    head = make_head(views[0]["features"].shape[-1], C, cfg.seed).double()
+def _literal_training(views, C, ignore, cfg, dtype=torch.float64, order="features"):
+    """The published loop written out plainly: a fresh permutation per epoch (epoch e reads views[e % N]), one SGD
+    step of mean cross-entropy per batch (batches of only ignore pixels skipped, the last one dropped with
+    drop_last), StepLR per epoch. ``dtype=float64, order="features"``: features upsampled before the head (the
+    recipe); ``float32, "logits"``: the head at the patch grid, the plain synchronous loop densebench ran before it
+    had feed modes, to compare with bit for bit."""
+    head = make_head(views[0]["features"].shape[-1], C, cfg.seed).to(dtype)
     opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_drop_epoch, gamma=cfg.lr_gamma)
-    order = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    size, bs = (cfg.train_mask_size,) * 2, cfg.head_batch_size
     curve = []
     for epoch in range(cfg.epochs):
-        v = views[epoch]   # one fresh view per epoch: the on-the-fly recipe
-        perm = torch.randperm(len(v["features"]), generator=order).numpy()
+        v = views[epoch % len(views)]   # len(views) == epochs: one fresh view per epoch, the on-the-fly recipe
+        perm = torch.randperm(len(v["features"]), generator=gen).numpy()
+        stop = len(perm) // bs * bs if cfg.drop_last else len(perm)
         losses = []
-        for start in range(0, len(perm), cfg.head_batch_size):
-            idx = np.sort(perm[start:start + cfg.head_batch_size])
-            f = torch.from_numpy(v["features"][idx].astype(np.float64)).permute(0, 3, 1, 2)
-            f = F.interpolate(f, size=(cfg.train_mask_size,) * 2, mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(head(f), torch.from_numpy(v["masks"][idx]).long(), ignore_index=ignore)
+        for start in range(0, stop, bs):
+            idx = np.sort(perm[start:start + bs])
+            target = torch.from_numpy(np.asarray(v["masks"][idx])).long()
+            if not bool((target != ignore).any()):
+                continue
+            f = torch.from_numpy(np.asarray(v["features"][idx])).to(dtype).permute(0, 3, 1, 2)
+            if order == "features":
+                logits = head(F.interpolate(f, size=size, mode="bilinear", align_corners=False))
+            else:
+                logits = F.interpolate(head(f), size=size, mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(logits, target, ignore_index=ignore)
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
         sched.step()
-        curve.append(float(np.mean(losses)))
+        total = 0.0
+        for x in losses:
+            total += x
+        curve.append(total / len(losses))
     return head, curve
 
 
