@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from densebench import precision, retrieval
 from densebench.errors import ConfigError
-from densebench.retrieval import BACKENDS, build_index
+from densebench.retrieval import BACKENDS, StackedRows, block_topk, build_index, merge_topk
 
 EXACT = [("torch", {}), ("torch", {"query_chunk": 7, "key_chunk": 97}), ("torch", {"key_chunk": 1}),
          ("faiss", {})]
@@ -112,7 +113,8 @@ def test_describe_records_backend_dtype_and_device():
     assert (f["backend"], f["exact"], f["dtype"], f["gpu"]) == ("faiss", True, "float32", False)
     assert f["threads"] == torch.get_num_threads()
     auto = build_index(keys, "auto").describe()
-    assert (auto["backend"], auto["requested_backend"]) == ("faiss", "auto")
+    assert (auto["backend"], auto["requested_backend"], auto["dtype"]) == ("torch", "auto", "float32")
+    assert "in place" in auto["auto_choice"] and f["auto_choice"] == "requested"
 
 
 def test_empty_query_batch():
@@ -155,3 +157,140 @@ def test_cuda_torch_fp16_close_to_brute_force():
     full = queries.astype(np.float64) @ keys.astype(np.float64).T
     expected = -np.sort(-full, axis=1)[:, :10]
     np.testing.assert_allclose(sims.cpu().numpy(), expected, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The canonical top-k (ties by index), the bank read in place, the backend auto picks
+
+def _lex_topk(scores: np.ndarray, k: int) -> np.ndarray:
+    """Brute force: each row's columns by decreasing score, equal scores by increasing column."""
+    cols = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    return np.lexsort((cols, -scores), axis=-1)[:, :k]
+
+
+def test_block_topk_and_merge_resolve_ties_by_lowest_index():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (64, 50), generator=g).float()       # ties everywhere, also at the k-th place
+    for k in (1, 5, 30, 50, 80):
+        s, i = merge_topk(*block_topk(scores, k), k)
+        want = _lex_topk(scores.numpy(), k)
+        assert np.array_equal(i.numpy(), want)
+        assert np.array_equal(s.numpy(), np.take_along_axis(scores.numpy(), want, 1))
+    # blocks merged in any order, and padded candidates (-inf, -1), give the same lists
+    parts = [block_topk(scores[:, a:b], 7) for a, b in ((30, 50), (0, 13), (13, 30))]
+    sims = torch.cat([p[0] for p in parts] + [torch.full((64, 3), -float("inf"))], 1)
+    idx = torch.cat([parts[0][1] + 30, parts[1][1], parts[2][1] + 13, torch.full((64, 3), -1)], 1)
+    assert np.array_equal(merge_topk(sims, idx, 7)[1].numpy(), _lex_topk(scores.numpy(), 7))
+
+
+def test_stacked_rows_read_blocks_gather_and_shard_without_concatenating(tmp_path):
+    rng = np.random.default_rng(0)
+    whole = rng.standard_normal((23, 4)).astype(np.float16)
+    parts = []
+    for j, (a, b) in enumerate(((0, 10), (10, 11), (11, 23))):
+        mm = np.lib.format.open_memmap(tmp_path / f"p{j}.npy", mode="w+", dtype=np.float16, shape=(b - a, 4))
+        mm[:] = whole[a:b]
+        mm.flush()
+        parts.append(np.load(tmp_path / f"p{j}.npy", mmap_mode="r"))
+    rows = StackedRows(parts)
+    assert rows.shape == (23, 4) and rows.dtype == torch.float16 and rows.nbytes == whole.nbytes
+    assert np.array_equal(rows.block(8, 15).numpy(), whole[8:15])
+    assert rows.block(8, 15, torch.float32).dtype == torch.float32
+    idx = torch.tensor([[22, 0, 10], [11, 9, 10]])
+    assert np.array_equal(rows[idx].numpy(), whole[idx.numpy()])
+    shard = rows.shard(9, 20)
+    assert len(shard) == 11 and np.array_equal(shard.block(0, 11).numpy(), whole[9:20])
+    assert np.array_equal(shard[torch.tensor([0, 10])].numpy(), whole[[9, 19]])
+    assert np.array_equal(shard.to("cpu", torch.float32).numpy(), whole[9:20].astype(np.float32))
+
+
+def test_memory_mapped_float16_bank_is_searched_in_place_and_exactly(tmp_path):
+    keys, queries = _data(n=3000, m=40, d=32, seed=7)
+    keys = keys.astype(np.float16)
+    keys[100:130] = keys[5]                                             # 31 tied keys for queries near key 5
+    queries[:3] = keys[5]
+    np.save(tmp_path / "a.npy", keys[:1700])
+    np.save(tmp_path / "b.npy", keys[1700:])
+    rows = StackedRows([np.load(tmp_path / "a.npy", mmap_mode="r"), np.load(tmp_path / "b.npy", mmap_mode="r")])
+    index = build_index(rows, "torch", query_chunk=16, key_chunk=500)
+    d = index.describe()
+    assert index.keys is None and d["storage"] == "in place, float16 blocks converted" and d["dtype"] == "float32"
+    sims, idx = index.search(queries, 20)
+    full = _assert_exact_topk(keys.astype(np.float32), queries, sims, idx, k=20)
+    assert idx[:3].tolist() == [[5] + list(range(100, 119))] * 3        # ties: the lowest indices, in order
+    clear = np.abs(np.diff(-np.sort(-full, axis=1)[:, 19:21], axis=1))[:, 0] > 1e-4
+    assert np.array_equal(idx.numpy()[clear], _lex_topk(full, 20)[clear])
+    # one block of any size, or all the keys in memory: the same lists bit for bit
+    for kw in ({"query_chunk": 40, "key_chunk": 3000}, {"query_chunk": 17, "key_chunk": 7}):
+        again = build_index(torch.from_numpy(keys.astype(np.float32)), "torch", **kw).search(queries, 20)
+        assert torch.equal(again[1], idx) and torch.equal(again[0], sims)
+
+
+class _FakeGpuFaiss:
+    """The faiss-gpu calls FaissIndex makes, recorded (no GPU needed)."""
+
+    __version__ = "fake-gpu"
+
+    def __init__(self):
+        self.added: list[int] = []
+        self.configs: list = []
+
+    def omp_set_num_threads(self, n):
+        pass
+
+    def get_num_gpus(self):
+        return 1
+
+    def StandardGpuResources(self):  # noqa: N802 (faiss' name)
+        return object()
+
+    def GpuIndexFlatConfig(self):  # noqa: N802
+        return type("Cfg", (), {"device": None, "useFloat16": None})()
+
+    def GpuIndexFlatIP(self, res, d, cfg):  # noqa: N802
+        self.configs.append(cfg)
+        fake = self
+
+        class Index:
+            def add(self, x):
+                assert x.dtype == np.float32 and x.shape[1] == d
+                fake.added.append(x.shape[0])
+        return Index()
+
+
+def test_auto_on_cuda_keeps_fp16_keys_even_with_faiss_gpu(monkeypatch):
+    """With faiss-gpu installed, auto used to build an fp32 GpuIndexFlatIP; now the torch backend with fp16 keys,
+    and an explicit --backend faiss stores fp16 too (unless --precision fp32). Mocked: no GPU here."""
+    fake = _FakeGpuFaiss()
+    monkeypatch.setattr(retrieval, "_import_faiss", lambda: fake)
+    monkeypatch.setattr(retrieval, "resolve_device", lambda device: "cuda")
+    assert retrieval.faiss_gpu_available()
+    built = {}
+
+    class RecordingTorchIndex(retrieval.Index):
+        backend = "torch"
+
+        def __init__(self, keys, device, fp16, query_chunk=None, key_chunk=None):
+            super().__init__(len(keys), keys.shape[1], device)
+            built.update(device=device.type, fp16=fp16)
+
+        def _search(self, queries, k):
+            raise AssertionError("not searched")
+
+    monkeypatch.setattr(retrieval, "TorchIndex", RecordingTorchIndex)
+    keys, _ = _data(n=300, d=8)
+    auto = build_index(keys, "auto", "cuda")
+    assert built == {"device": "cuda", "fp16": True}
+    assert (auto.backend, auto.requested_backend) == ("torch", "auto") and "float16" in auto.describe()["auto_choice"]
+    with precision.precision("fp32"):
+        build_index(keys, "auto", "cuda")
+    assert built["fp16"] is False
+
+    monkeypatch.setattr(retrieval, "STREAM_BYTES", 4 * 8 * 100)          # 100 rows per added block
+    index = build_index(keys, "faiss", "cuda")
+    d = index.describe()
+    assert (d["backend"], d["dtype"], d["gpu"]) == ("faiss", "float16", True) and fake.configs[-1].useFloat16 is True
+    assert fake.added == [100, 100, 100]
+    with precision.precision("fp32"):
+        assert build_index(keys, "faiss", "cuda").describe()["dtype"] == "float32"
+    assert fake.configs[-1].useFloat16 is False

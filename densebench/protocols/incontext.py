@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,21 +31,33 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cache import human_bytes
 from ..data import DatasetFamily, SegmentationDataset, fraction_list, get_family, open_dataset
 from ..data.ids import id_provenance
+from ..distributed import Group, shard_range
 from ..encoders.base import incontext_input_size
 from ..errors import ConfigError
 from ..metrics import ConfusionMatrix, segmentation_scores
 from ..options import ProtocolConfig, option
 from ..pictures import render_label_panels
 from ..progress import progress_bar
-from ..retrieval import build_index
+from ..retrieval import (DEFAULT_BLOCK_ELEMENTS, DEFAULT_KEY_CHUNK, MIN_QUERY_CHUNK, StackedRows, build_index,
+                         choose_backend, topk_order)
 from ..transforms import HummingbirdTrainView, ResizeView, generator_for, normalisation
 from .common import Outcome, RunContext, check_input_size, check_splits, protocol_runner, split_record
 
 BACKENDS = ("auto", "torch", "faiss", "faiss-ivf")
 FRACTIONS = (128, 64, 8)
 KEY_NORMS = ("feature", "patch-axis")
+SHARDINGS = ("auto", "queries", "bank")
+#: the ranks of a torchrun / srun run share the scoring (densebench.protocols.common.run_protocol)
+SHARDED_SCORE = True
+#: a k-NN search call holds at least this many search blocks of queries: the bank is walked once per call
+CALL_BLOCKS = 32
+#: auto search blocks: at most this many queries per similarity block (tiny banks would ask for more)
+MAX_SEARCH_BLOCK = 4096
+#: auto sharding: a replicated bank may take this share of the free memory (device, or host on the CPU)
+BANK_SHARE = 0.5
 
 #: Every choice a named protocol version sets (Config fields left at None take these values).
 VERSIONS: dict[str, dict[str, object]] = {
@@ -95,8 +108,13 @@ class Config(ProtocolConfig):
     batch_size: int = option(16, "images per backbone forward", min=1, non_semantic=True)
     num_workers: int | None = option(None, "data-loading worker processes; auto: the usable cores, at most 8",
                                      min=0, none="auto", non_semantic=True)
-    query_chunk: int = option(0, "val images per retrieval chunk; 0 = sized automatically", min=0,
-                              non_semantic=True)
+    query_chunk: int = option(0, "val images per label-transfer chunk (class scores upsampled at once); 0 = sized "
+                                 "automatically", min=0, non_semantic=True)
+    search_block: int = option(0, "query patches per similarity block of the k-NN search (rows of the queries x "
+                                  "bank-block matrix); 0 = sized by a memory budget", min=0, non_semantic=True)
+    sharding: str = option("auto", "under torchrun / srun: queries = each process scores a share of the val images "
+                                   "against the whole bank; bank = each searches its share of the bank, top-k lists "
+                                   "merged; auto = by memory", choices=SHARDINGS, non_semantic=True)
     save_predictions: str | None = option(None, "folder for image | ground truth | prediction PNGs",
                                           non_semantic=True)
     save_predictions_count: int = option(8, "how many val images (the first ones) to draw", min=0,
@@ -105,6 +123,9 @@ class Config(ProtocolConfig):
     def check(self) -> None:
         if self.train_fraction is not None and self.train_list is not None:
             raise ConfigError("give either --train-list or --train-fraction, not both")
+        if self.sharding == "bank" and self.backend in ("faiss", "faiss-ivf"):
+            raise ConfigError(f"--sharding bank merges the torch backend's top-k lists, not {self.backend}'s",
+                              hint="use --backend torch (or auto), or --sharding queries")
 
 
 def resolve_input_size(input_size: int | None, patch_size: int) -> int:
@@ -322,66 +343,217 @@ def extract_features(ctx: RunContext, prep: Prepared) -> dict:
     return {"keys": keys, "labels": labels, "val": val}
 
 
+# ---------------------------------------------------------------------------------------------------
+# The search: block sizes, sharding across ranks, the bank where it lies
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """How the k-NN search and the label transfer are blocked (none of it changes a number).
+
+    ``bank_block`` keys x ``search_block`` queries is the similarity matrix held at once; a search call takes
+    ``images_per_call`` val images (their queries padded to whole search blocks, so every matmul has one shape)
+    and walks the bank once; the label transfer upsamples ``transfer_chunk`` images' class scores at once."""
+
+    bank_block: int
+    search_block: int
+    images_per_call: int
+    transfer_chunk: int
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def bank_rows(self, n_keys: int, rank: int, world: int) -> tuple[int, int]:
+        """Rank ``rank``'s shard of the bank in whole bank blocks (the blocks a single process multiplies)."""
+        lo, hi = shard_range(-(-n_keys // self.bank_block), rank, world)
+        return min(n_keys, lo * self.bank_block), min(n_keys, hi * self.bank_block)
+
+
+def search_plan(config: Config, device_type: str, n_keys: int, tokens_per_image: int, num_classes: int) -> SearchPlan:
+    """Block sizes from memory budgets: the similarity block (``DEFAULT_BLOCK_ELEMENTS``) and, independently,
+    the label-transfer chunk (64M upsampled class scores; ``query_chunk``)."""
+    bank_block = min(n_keys, DEFAULT_KEY_CHUNK[device_type])
+    search_block = config.search_block or min(MAX_SEARCH_BLOCK, max(
+        MIN_QUERY_CHUNK, DEFAULT_BLOCK_ELEMENTS[device_type] // bank_block))
+    transfer = config.query_chunk or max(1, int(64e6 // (num_classes * config.input_size ** 2)))
+    per_call = max(transfer, -(-CALL_BLOCKS * search_block // tokens_per_image))
+    return SearchPlan(bank_block, search_block, per_call, transfer)
+
+
+def _available_host_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def bank_budget(device: torch.device) -> int:
+    """Bytes a replicated bank may take on this rank: a share of the free device memory (CUDA) or of the
+    available host memory (the CPU search reads the memory map, whose pages the ranks of a machine share)."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_host_bytes()
+    return int(free * BANK_SHARE)
+
+
+def choose_sharding(config: Config, group: Group, device: torch.device, bank_bytes: int) -> dict:
+    """``queries`` (val images split across ranks, the bank replicated) or ``bank`` (the bank split, every
+    rank searching all queries), the same on every rank, and why."""
+    if config.sharding != "auto":
+        return {"mode": config.sharding, "reason": "--sharding"}
+    if choose_backend(config.backend, device.type)[0] != "torch":
+        return {"mode": "queries", "reason": f"the {config.backend} backend (bank sharding merges the torch "
+                                             "backend's top-k lists)"}
+    budget = min(group.gather(bank_budget(device), "in-context: memory budget"))
+    fits = bank_bytes <= budget
+    where = "device" if device.type == "cuda" else "host"
+    return {"mode": "queries" if fits else "bank", "bank_bytes": int(bank_bytes), "budget_bytes": int(budget),
+            "reason": f"the bank ({human_bytes(bank_bytes)}) {'fits in' if fits else 'exceeds'} "
+                      f"{BANK_SHARE:.0%} of the free {where} memory of the tightest rank ({human_bytes(budget)})"}
+
+
+def _all_gather(group: Group, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's (M, k) tensors side by side, (M, world * k), in rank order."""
+    import torch.distributed as dist
+
+    group.check_abort()
+    out = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(group.world)]
+        dist.all_gather(parts, t.contiguous())
+        out.append(torch.cat(parts, dim=1))
+    return out
+
+
+class BankSearch:
+    """The protocol's k-NN over the memory bank, or over this rank's shard of it (``mode == "bank"``: per-query
+    candidates of every shard gathered and merged into the canonical top-k a single search returns).
+
+    Keys and labels stay in the cache's memory maps: the CPU search reads them in place, CUDA gets one
+    preallocated device tensor filled block by block (retrieval.StackedRows). Returns, per query, the weights'
+    similarities (cosines; hbird-1.1 divides the ranking inner products by the key norms) and bank indices."""
+
+    def __init__(self, config: Config, keys: StackedRows, labels: StackedRows, plan: SearchPlan,
+                 device: torch.device, group: Group, mode: str | None):
+        self.group, self.mode, self.n_keys = group, mode, len(keys)
+        self.k = min(config.neighbours, self.n_keys)
+        lo, hi = plan.bank_rows(self.n_keys, group.rank, group.world) if mode == "bank" else (0, self.n_keys)
+        local = keys.shard(lo, hi)
+        self.offset, self.k_local = lo, min(self.k, len(local))
+        blocks = {"query_chunk": plan.search_block, "key_chunk": plan.bank_block}
+        torch_backend = choose_backend(config.backend, device.type)[0] == "torch"
+        self.index = build_index(local, config.backend, str(device), **(blocks if torch_backend else {})) \
+            if len(local) else None
+        self.labels = labels.to(device) if device.type == "cuda" and mode != "bank" else labels
+        self.norms = None
+        if config.key_norm == "patch-axis":   # hbird 1.1 keys are not unit vectors: the softmax uses cos(q, key)
+            self.norms = torch.cat([torch.zeros(0)] + [
+                torch.linalg.vector_norm(local.block(a, min(len(local), a + plan.bank_block), torch.float32), dim=1)
+                for a in range(0, len(local), plan.bank_block)]).to(device)
+        self.device = device
+
+    def __call__(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = queries.shape[0]
+        if self.index is not None:
+            sims, idx = self.index.search(queries, self.k_local)
+            sims, idx = torch.as_tensor(sims, device=self.device), torch.as_tensor(idx, device=self.device)
+        else:
+            sims = torch.empty((m, 0), dtype=torch.float32, device=self.device)
+            idx = torch.empty((m, 0), dtype=torch.int64, device=self.device)
+        weights = sims / self.norms[idx] if self.norms is not None else sims
+        if self.mode != "bank":
+            return weights, idx
+        pad = self.k - idx.shape[1]   # a shard smaller than k: padding sorts last
+        sims = F.pad(sims, (0, pad), value=-math.inf)
+        weights = F.pad(weights, (0, pad))
+        idx = F.pad(idx + self.offset, (0, pad), value=-1)
+        sims, weights, idx = _all_gather(self.group, sims, weights, idx)
+        pos = topk_order(sims, idx, self.k)
+        return weights.gather(1, pos), idx.gather(1, pos)
+
+    def describe(self) -> dict:
+        return {**self.index.describe(), "num_keys": self.n_keys}
+
+
+def _queries(features, start: int, stop: int, device: torch.device, block: int) -> torch.Tensor:
+    """Val images ``[start, stop)``: their patch features L2-normalised, padded with zero rows to whole blocks."""
+    val_feats = torch.from_numpy(np.array(features[start:stop], dtype=np.float32)).to(device)
+    queries = F.normalize(val_feats.reshape(-1, val_feats.shape[-1]), dim=-1)
+    pad = -queries.shape[0] % block
+    return F.pad(queries, (0, 0, 0, pad)) if pad else queries
+
+
 def score(ctx: RunContext, prep: Prepared, feats: dict) -> Outcome:
-    """Exact k-NN of every val patch in the memory bank, label transfer, one streaming confusion matrix."""
-    config, p = ctx.config, ctx.encoder.patch_size
+    """Exact k-NN of every val patch in the memory bank, label transfer, one streaming confusion matrix.
+
+    Under torchrun / srun every rank runs this: either each scores its share of the val images against the
+    whole bank (``queries``), or each searches its share of the bank for every query and the candidates are
+    merged exactly (``bank``); the confusion counts are summed, so the metrics equal a single process's."""
+    config, p, group = ctx.config, ctx.encoder.patch_size, ctx.group
     input_size, s = config.input_size, config.input_size // p
     C, ignore = prep.val.num_classes, prep.val.ignore_index
     dev = torch.device(ctx.device)
-    keys = torch.from_numpy(np.concatenate([np.asarray(k) for k in feats["keys"]])).float()
-    labels = torch.from_numpy(np.concatenate([np.asarray(lab) for lab in feats["labels"]])).to(dev)
-    if keys.shape[0] == 0:
+    keys, labels = StackedRows(feats["keys"]), StackedRows(feats["labels"])
+    if len(keys) == 0:
         raise ConfigError("the memory bank is empty (no labelled patches in the train split)")
-    k = min(config.neighbours, keys.shape[0])
-    # hbird 1.1 keys are not unit vectors: the search ranks by <q, key>, the softmax uses cos(q, key)
-    key_norms = keys.norm(dim=1).to(dev) if config.key_norm == "patch-axis" else None
-    index = build_index(keys, backend=config.backend, device=str(dev))
+    plan = search_plan(config, dev.type, len(keys), s * s, C)
+    sharding = choose_sharding(config, group, dev, keys.nbytes + labels.nbytes) if group.enabled else None
+    mode = sharding["mode"] if sharding else None
+    search = BankSearch(config, keys, labels, plan, dev, group, mode)
     q = feats["val"]
     conf = ConfusionMatrix(C, ignore_index=ignore, device=str(dev))
     n_val = len(prep.val)
-    chunk = config.query_chunk or max(1, int(64e6 // (C * input_size * input_size)))
+    lo, hi = group.shard(n_val) if mode == "queries" else (0, n_val)
     n_draw = min(config.save_predictions_count, n_val) if config.save_predictions else 0
-    drawn: list[np.ndarray] = []
-    with progress_bar("retrieval", total=n_val, enabled=ctx.progress) as advance:
-        for start in range(0, n_val, chunk):
-            stop = min(n_val, start + chunk)
-            val_feats = torch.from_numpy(np.array(q["features"][start:stop], dtype=np.float32)).to(dev)
-            b = val_feats.shape[0]
-            queries = F.normalize(val_feats.reshape(-1, val_feats.shape[-1]), dim=-1)
-            sims, idx = index.search(queries, k)
-            sims, idx = torch.as_tensor(sims, device=dev), torch.as_tensor(idx, device=dev)
-            if key_norms is not None:
-                sims = sims.float() / key_norms[idx]
-            scores = transfer_labels(sims, idx, labels, config.temperature, p * p)
-            scores = scores.view(b, s, s, C).permute(0, 3, 1, 2)
-            scores = F.interpolate(scores, size=(input_size, input_size), mode="bilinear", align_corners=False)
-            pred = scores.argmax(1)
-            conf.update(pred, torch.from_numpy(np.array(q["masks"][start:stop])).to(dev))
-            if start < n_draw:
-                drawn.append(pred[: n_draw - start].to(torch.uint8).cpu().numpy())
-            advance(b)
+    drawn: dict[int, np.ndarray] = {}
+    with progress_bar("retrieval", total=hi - lo, enabled=ctx.progress and group.is_main) as advance:
+        for start in range(lo, hi, plan.images_per_call):
+            stop = min(hi, start + plan.images_per_call)
+            weights, idx = search(_queries(q["features"], start, stop, dev, plan.search_block))
+            mine = (start, stop) if mode != "bank" else \
+                tuple(start + i for i in shard_range(stop - start, group.rank, group.world))
+            for t0 in range(mine[0], mine[1], plan.transfer_chunk):
+                t1 = min(mine[1], t0 + plan.transfer_chunk)
+                rows = slice((t0 - start) * s * s, (t1 - start) * s * s)
+                scores = transfer_labels(weights[rows], idx[rows], search.labels, config.temperature, p * p)
+                scores = scores.view(t1 - t0, s, s, C).permute(0, 3, 1, 2)
+                scores = F.interpolate(scores, size=(input_size, input_size), mode="bilinear", align_corners=False)
+                pred = scores.argmax(1)
+                conf.update(pred, torch.from_numpy(np.array(q["masks"][t0:t1])).to(dev))
+                drawn.update({i: pred[i - t0].to(torch.uint8).cpu().numpy() for i in range(t0, min(t1, n_draw))})
+            advance(stop - start)
+    matrix = conf.matrix
+    if group.enabled:
+        matrix = group.all_reduce_sum(torch.from_numpy(matrix)).numpy()
+        drawn = {i: a for part in group.gather(drawn, "in-context: predictions to draw") for i, a in part.items()}
     artifacts = []
-    if n_draw:
+    if n_draw and group.is_main:
         images = [(prep.val.ids[i], prep.val[i][1]) for i in range(n_draw)]
         artifacts = render_label_panels(Path(config.save_predictions), ctx.benchmark, images,
-                                        np.asarray(q["masks"][:n_draw]), [("prediction", np.concatenate(drawn))],
-                                        ignore)
+                                        np.asarray(q["masks"][:n_draw]),
+                                        [("prediction", np.stack([drawn[i] for i in range(n_draw)]))], ignore)
+    retrieval = {**search.describe(), "blocks": plan.describe()} if group.is_main else None
+    if group.enabled:
+        artifacts, retrieval = group.share((artifacts, {**retrieval, "sharding": sharding} if retrieval else None),
+                                           "in-context: the record")
 
     names = prep.val.class_names
-    hung = segmentation_scores(conf.matrix, matching="hungarian", class_names=names)
-    ident = segmentation_scores(conf.matrix, matching="identity", class_names=names)
+    hung = segmentation_scores(matrix, matching="hungarian", class_names=names)
+    ident = segmentation_scores(matrix, matching="identity", class_names=names)
     metrics = {"miou": hung["miou"], "miou_identity": ident["miou"], "pixel_accuracy": ident["pixel_accuracy"],
                "per_class_iou": ident["per_class_iou"],
-               **prep.family.class_means(conf.matrix, "hungarian"),
-               **prep.family.class_means(conf.matrix, "identity", prefix="miou_identity")}
-    retrieval = index.describe()
+               **prep.family.class_means(matrix, "hungarian"),
+               **prep.family.class_means(matrix, "identity", prefix="miou_identity")}
     derived = {"memory_per_image": prep.per_image, "memory_per_image_clamped": prep.clamped,
-               "memory_rows": int(keys.shape[0]), "neighbours_used": k, "mean": list(prep.mean),
+               "memory_rows": len(keys), "neighbours_used": search.k, "mean": list(prep.mean),
                "std": list(prep.std), "train_list_resolved": prep.train_list, "retrieval": retrieval,
                "protocol_version": {"name": config.protocol, "sets": VERSIONS[config.protocol],
                                     "not_reproduced": NOT_REPRODUCED[config.protocol]},
                "metric_notes": {"miou": f"Hungarian-matched, pooled over val, {prep.family.mean_note()}",
                                 **prep.family.class_mean_notes()}}
+    if mode is not None:
+        derived["sharding"] = mode
     dataset = split_record(prep.family.name, prep.val, prep.train, **id_provenance(train=prep.train, val=prep.val))
     return Outcome(metrics=metrics, derived=derived, dataset=dataset, seeds={"protocol": config.seed},
                    artifacts=artifacts)
