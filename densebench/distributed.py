@@ -162,12 +162,39 @@ class Group:
 
     def check_abort(self) -> None:
         """Raise DistributedError when another rank has failed (cheap: one store lookup)."""
-        if self.enabled and self.store.check(["failed"]):
-            raise DistributedError(self._failure_text())
+        if not self.enabled:
+            return
+        with self._store_errors():
+            if not self.store.check(["failed"]):
+                return
+            text = self._failure_text()
+            self.store.set(f"seen/{self.rank}", b"1")   # the failed rank may wait for this before it exits
+        raise DistributedError(text)
 
     def _failure_text(self) -> str:
         info = pickle.loads(self.store.get("failed"))
         return f"rank {info['rank']} of {self.world} failed during {info['stage']}: {info['error']}"
+
+    @contextlib.contextmanager
+    def _store_errors(self):
+        """A store that stops answering means its host (torchrun's agent, or rank 0 under srun) is gone."""
+        try:
+            yield
+        except DistributedError:
+            raise
+        except (RuntimeError, OSError) as e:   # torch's DistStoreError / DistNetworkError are RuntimeErrors
+            raise DistributedError(f"rank {self.rank} of {self.world} lost the rendezvous store at {self.stage} "
+                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]}): the rank hosting it "
+                                   "(torchrun's agent, or rank 0 under srun) has exited",
+                                   hint="see the other ranks' logs for the first error") from None
+
+    def _wait_for(self, prefix: str, limit_s: float) -> None:
+        """Rank 0 under srun hosts the store: before it exits, let every other rank read what it must."""
+        others = [f"{prefix}/{r}" for r in range(self.world) if r != self.rank]
+        deadline = time.monotonic() + limit_s
+        with contextlib.suppress(Exception):
+            while others and not self.store.check(others) and time.monotonic() < deadline:
+                time.sleep(_POLL_S)
 
     def fail(self, error: BaseException, stage: str | None = None) -> None:
         """Tell every rank that this one failed (first failure wins the message)."""
@@ -180,6 +207,8 @@ class Group:
         with contextlib.suppress(Exception):
             if self.store.add("failed_count", 1) == 1:
                 self.store.set("failed", pickle.dumps({"rank": self.rank, "stage": stage, "error": text[:2000]}))
+        if self.is_main:   # keep the store up until the others have read the failure (or 15 s)
+            self._wait_for("seen", 15.0)
 
     def gather(self, obj: Any, stage: str) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank; raises DistributedError when a rank failed
@@ -188,10 +217,22 @@ class Group:
             return [obj]
         self.stage = stage
         tag = self._next(stage)
-        self.store.set(f"{tag}/{self.rank}", pickle.dumps(obj))
-        keys = [f"{tag}/{r}" for r in range(self.world)]
-        self._wait(keys, stage)
-        return [pickle.loads(self.store.get(k)) for k in keys]
+        with self._store_errors():
+            self.store.set(f"{tag}/{self.rank}", pickle.dumps(obj))
+            keys = [f"{tag}/{r}" for r in range(self.world)]
+            self._wait(keys, stage)
+            return [pickle.loads(self.store.get(k)) for k in keys]
+
+    def leave(self, limit_s: float = 60.0) -> None:
+        """The last use of the store: rank 0 (the store's host under srun) waits for the others to say they are
+        done with it before it goes."""
+        if not self.enabled or self.store is None:
+            return
+        if self.is_main:
+            self._wait_for("left", limit_s)
+        else:
+            with contextlib.suppress(Exception):
+                self.store.set(f"left/{self.rank}", b"1")
 
     def sync(self, stage: str) -> None:
         """Wait for every rank to reach ``stage`` (a barrier that names a failed or silent rank)."""
@@ -236,10 +277,13 @@ class Group:
             with contextlib.suppress(Exception):
                 self._beat_store.add(f"beat/{self.rank}", 1)
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
+        """Stop the heartbeat, :meth:`leave` (rank 0 waits up to 60 s, 10 s after a failure, for the others),
+        then leave the process group."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.leave(10.0 if failed else 60.0)
         if self._initialized_here:
             import torch.distributed as dist
 
@@ -336,12 +380,14 @@ def session(device: str):
     other ranks stop at once (naming this rank), and the group is closed at the end."""
     global _current
     group = start(device)
+    failed = False
     try:
         yield group
         group.sync("the end of the run")
     except BaseException as e:
+        failed = True
         group.fail(e)
         raise
     finally:
-        group.close()
+        group.close(failed=failed)
         _current = _SINGLE

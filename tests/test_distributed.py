@@ -227,11 +227,16 @@ def test_srun_tasks_run_as_ranks(runs, synth_root, tmp_path):
     assert got["derived"]["distributed"]["world_size"] == 2
 
 
-def test_a_failure_on_one_rank_ends_every_rank_with_its_message(synth_root, tmp_path):
-    done = _srun(synth_root, tmp_path / "c", tmp_path / "out", [synth_root, tmp_path / "nowhere"])
-    assert all(p.returncode != 0 for p in done)
-    assert "nowhere" in done[1].stderr                                   # the failing rank says why
-    assert "rank 1 of 2 failed" in done[0].stderr and "nowhere" in done[0].stderr   # rank 0 names it
+@pytest.mark.parametrize("bad", [1, 0])   # under srun rank 0 hosts the rendezvous store: its failure too
+def test_a_failure_on_one_rank_ends_every_rank_with_its_message(synth_root, tmp_path, bad):
+    roots = [synth_root, synth_root]
+    roots[bad] = tmp_path / "nowhere"
+    done = _srun(synth_root, tmp_path / "c", tmp_path / "out", roots)
+    assert [p.returncode for p in done] == [2, 2]
+    assert all("Traceback" not in p.stderr for p in done)
+    assert "nowhere" in done[bad].stderr                                 # the failing rank says why
+    other = done[1 - bad].stderr
+    assert f"rank {bad} of 2 failed" in other and "nowhere" in other     # the other names it
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.json"))
 
 
