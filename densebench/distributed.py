@@ -207,6 +207,7 @@ class Group:
         with contextlib.suppress(Exception):
             if self.store.add("failed_count", 1) == 1:
                 self.store.set("failed", pickle.dumps({"rank": self.rank, "stage": stage, "error": text[:2000]}))
+            self.store.set(f"seen/{self.rank}", b"1")   # a failed rank needs no telling
         if self.is_main:   # keep the store up until the others have read the failure (or 15 s)
             self._wait_for("seen", 15.0)
 
