@@ -436,6 +436,7 @@ class _Engine:
         group.stage = f"{desc}: extracting views {lo}..{hi}"
         self._entry(part_parts, part_info, lambda w: self.run(w, make, reduce, forward=forward, desc=desc,
                                                                 span=(lo, hi)))
+        self.stats.entries[-1] = key[:16]   # the part goes away; the result names the entry it becomes
         part_keys = group.gather(cache_key(part_parts), f"{desc}: extraction")
         if group.is_main:
             group.stage = f"{desc}: assembling the cache entry"

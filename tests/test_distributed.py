@@ -204,6 +204,9 @@ def test_the_ranks_share_the_forwards(runs):
     metas = [json.loads(p.read_text()) for p in (base / "c2").rglob("meta.json")]
     assert metas and not any("part" in (m.get("key_parts") or {}) for m in metas)
     assert any(m.get("assembled_from") == 2 for m in metas)
+    # the entries a result names are the whole entries, as one process names them
+    for name in one:
+        assert many[name]["provenance"]["cache"]["entries"] == one[name]["provenance"]["cache"]["entries"], name
 
 
 def _srun(suite: Path, cache: Path, out: Path, roots: list[Path], extra=()) -> list[subprocess.CompletedProcess]:
