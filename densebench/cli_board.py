@@ -138,13 +138,18 @@ def compare(
 
 
 def report(
-    results: Annotated[list[Path], typer.Argument(help="Result JSON files written by `densebench run`.")],
+    results: Annotated[list[Path], typer.Argument(help="Result JSON files written by `densebench run`, or "
+                                                       "folders of them (summary.json is skipped).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for index.html and the PNG plots.")],
+    leaderboard: Annotated[Path | None, typer.Option("--leaderboard", help="Leaderboard JSON whose published "
+                                                     "rows the model cards are compared with (default: the "
+                                                     "shipped dense-ssl.json).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a report already in --out.")] = False,
 ) -> None:
-    """An HTML report with plots: bars per benchmark, in-context mIoU vs training fraction, saved pictures."""
+    """An HTML report: a model card per encoder beside published rows of its family, plots, saved pictures."""
     from .report import write_report
 
-    summary = write_report(results, out)
+    summary = write_report(results, out, leaderboard=leaderboard, overwrite=overwrite)
     console = _console()
     console.print(f"report written to [bold]{escape(str(summary.index))}[/] ({len(summary.plots)} plots, "
                   f"{summary.n_artifacts} saved pictures)")

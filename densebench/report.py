@@ -735,9 +735,14 @@ def read_items(paths: Sequence[str | os.PathLike]) -> list[ReportItem]:
 
 
 def write_report(results: Sequence[str | os.PathLike], out: str | os.PathLike, *,
-                 title: str = "densebench report", leaderboard: str | os.PathLike | None = None) -> ReportSummary:
+                 title: str = "densebench report", leaderboard: str | os.PathLike | None = None,
+                 overwrite: bool = False) -> ReportSummary:
     """Read (and integrity-check) the results (files, or folders of them), draw the plots into ``out`` and write
-    ``out/index.html``. ``leaderboard``: where the published rows come from (default: the shipped one)."""
+    ``out/index.html``. ``leaderboard``: where the published rows come from (default: the shipped one). A folder
+    that already holds a report is refused unless ``overwrite``."""
+    if not overwrite and (Path(out) / "index.html").exists():
+        raise ResultError(f"{Path(out) / 'index.html'} already exists (an earlier report)",
+                          hint="choose another --out, or pass --overwrite to replace it")
     paths, warnings = result_paths(results)
     if not paths:
         folders = [str(p) for p in map(Path, results) if Path(p).is_dir()]

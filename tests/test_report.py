@@ -336,6 +336,24 @@ def test_comparison_columns_split_by_protocol_version_and_mark_variants(monkeypa
     assert "58.0" + lb.NONSTANDARD_MARK in html and "peer-b16" not in html
     assert "no ViT family recognised" in html and "no published rows to compare with" in html
 
+    # the CLI: --leaderboard picks the board; an existing report is refused, --overwrite replaces it
+    from densebench.cli import main
+
+    def cli(*extra):
+        try:
+            main(["report", *map(str, runs), "--out", str(tmp_path / "cli"), *extra])
+        except SystemExit as e:
+            return e.code
+        return 0
+
+    assert cli("--leaderboard", str(board)) == 0
+    first = (tmp_path / "cli" / "index.html").read_text()
+    assert "58.0" + lb.NONSTANDARD_MARK in first
+    assert cli("--leaderboard", str(board)) == 2
+    assert (tmp_path / "cli" / "index.html").read_text() == first       # untouched
+    assert cli("--overwrite") == 0
+    assert "58.0" + lb.NONSTANDARD_MARK not in (tmp_path / "cli" / "index.html").read_text()   # the shipped board
+
 
 # ---------------------------------------------------------------------------------------------------
 # Saved pictures: larger, with a legend of the classes shown
