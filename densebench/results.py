@@ -56,19 +56,25 @@ def integrity_hash(result: dict) -> str:
     return "sha256:" + hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
-def jsonable(obj: Any) -> Any:
-    """Dataclasses, paths, tuples, numpy scalars -> plain JSON; NaN/inf are refused (they mean a bug)."""
+def jsonable(obj: Any, *, nonfinite_as_text: bool = False) -> Any:
+    """Dataclasses, paths, tuples, numpy scalars -> plain JSON. NaN/inf are refused (in a result they mean a
+    bug), or with ``nonfinite_as_text`` written as their string (a report of a diverged loss)."""
+    def again(v):
+        return jsonable(v, nonfinite_as_text=nonfinite_as_text)
+
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return jsonable(dataclasses.asdict(obj))
+        return again(dataclasses.asdict(obj))
     if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
+        return {str(k): again(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
+        return [again(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
+        if nonfinite_as_text:
+            return str(obj)
         raise ResultError(f"non-finite value {obj} in a result")
     return obj
 

@@ -258,17 +258,9 @@ def _items(ctx: Context, groups: list[str]) -> Iterator[Item]:
 
 def _jsonable(obj: Any) -> Any:
     """Plain JSON; a non-finite float (a diverged loss) is written as its string, never refused."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    return obj
+    from .results import jsonable
+
+    return jsonable(obj, nonfinite_as_text=True)
 
 
 # -- 1. environment -----------------------------------------------------------------------------------------
