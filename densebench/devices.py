@@ -21,3 +21,18 @@ def resolve_device(device: str) -> str:
             raise ConfigError(f"--device {device} requested but CUDA is not available", hint="use --device cpu")
         return device
     raise ConfigError(choices_message("device", device, DEVICE_CHOICES))
+
+
+def host_available() -> int | None:
+    """The host memory available to new work (``MemAvailable``: free plus reclaimable page cache; else the free
+    pages), or None when neither can be read."""
+    import contextlib
+    import os
+
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from ..metrics import ConfusionMatrix, segmentation_scores
 from ..options import ProtocolConfig, option
 from ..pictures import render_label_panels
 from ..progress import progress_bar
+from .. import devices
 from ..retrieval import (DEFAULT_BLOCK_ELEMENTS, DEFAULT_KEY_CHUNK, MIN_QUERY_CHUNK, StackedRows, build_index,
                          choose_backend, topk_order)
 from ..transforms import HummingbirdTrainView, ResizeView, generator_for, normalisation
@@ -379,21 +379,10 @@ def search_plan(config: Config, device_type: str, n_keys: int, tokens_per_image:
     return SearchPlan(bank_block, search_block, per_call, transfer)
 
 
-def _available_host_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def bank_budget(device: torch.device) -> int:
     """Bytes a replicated bank may take on this rank: a share of the free device memory (CUDA) or of the
     available host memory (the CPU search reads the memory map, whose pages the ranks of a machine share)."""
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_host_bytes()
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else (devices.host_available() or 0)
     return int(free * BANK_SHARE)
 
 

@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
+from .. import devices, distributed
+from ..retrieval import StackedRows
 from ..data import DatasetFamily, SegmentationDataset, get_family, open_dataset
 from ..data.ids import id_provenance
 from ..errors import ConfigError, DataError, choices_message
@@ -209,15 +210,6 @@ def epoch_batches(n: int, batch_size: int, drop_last: bool, generator: torch.Gen
 # ---------------------------------------------------------------------------------------------------
 # Feeding the cached training features to the head (kept on the device, or prefetched by a thread)
 
-def host_available() -> int | None:
-    """The host memory available to new work (``MemAvailable``: free plus reclaimable page cache), or None."""
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
 def feed_budget(device: str | torch.device, group: distributed.Group | None = None) -> int | None:
     """Bytes this process's resident training features may take: ``RESIDENT_FRACTION`` of the free CUDA memory,
     or on the CPU of the host's available memory (there "resident" means the page cache keeps the memory map),
@@ -228,7 +220,7 @@ def feed_budget(device: str | torch.device, group: distributed.Group | None = No
         torch.cuda.empty_cache()   # blocks the extraction's allocator kept are free for the features
         per_device = -(-sharing // max(1, torch.cuda.device_count()))
         return int(RESIDENT_FRACTION * torch.cuda.mem_get_info(dev)[0]) // per_device
-    available = host_available()
+    available = devices.host_available()
     return None if available is None else int(RESIDENT_FRACTION * available) // sharing
 
 
@@ -252,20 +244,12 @@ def plan_feed(view_bytes: list[int], masks_bytes: int, budget: int | None, choic
     return modes
 
 
-def _torch_dtype(array) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
-
-
-def _on_device(array, lo: int, hi: int, dev: torch.device, rows_per_copy: int = 256):
+def _on_device(array, lo: int, hi: int, dev: torch.device):
     """Rows ``lo:hi`` of a cached array, held for the whole run: the memory map itself on the CPU (the page cache is
-    the device; nothing is copied twice), one copy in device memory, uploaded in slices, on CUDA."""
+    the device; nothing is copied twice), one copy in device memory, uploaded block by block, on CUDA."""
     if dev.type != "cuda":
         return array
-    out = torch.empty((hi - lo, *array.shape[1:]), dtype=_torch_dtype(array), device=dev)
-    for start in range(lo, hi, rows_per_copy):
-        stop = min(hi, start + rows_per_copy)
-        out[start - lo:stop - lo].copy_(torch.from_numpy(np.array(array[start:stop])))
-    return out
+    return StackedRows([array]).shard(lo, hi).to(dev)
 
 
 def _rows(held, idx: np.ndarray, lo: int, dev: torch.device) -> torch.Tensor:
@@ -290,7 +274,7 @@ class _Prefetcher:
         self.buffers = []
         if self.cuda:
             first, rows = items[0][0], max(1, max(len(idx) for _, idx in items))
-            self.buffers = [torch.empty((rows, *first.shape[1:]), dtype=_torch_dtype(first), pin_memory=True)
+            self.buffers = [torch.empty((rows, *first.shape[1:]), dtype=StackedRows([first]).dtype, pin_memory=True)
                             for _ in range(slots)]
         self.free: queue.Queue = queue.Queue()
         self.ready: queue.Queue = queue.Queue()
@@ -512,6 +496,9 @@ def train_head(views: list[dict[str, np.ndarray]], num_classes: int, ignore_inde
                           "and --drop-last", hint="lower --head-batch-size or pass --no-drop-last")
     feed = HeadFeed(views, schedule, group.shard(n), dev, config.head_feed, budget=budget, group=group)
     try:
+        # a rank whose features could not be placed (out of memory) must stop the others here, by name, not
+        # leave them waiting in DDP's first all-reduce until the process-group timeout
+        group.sync("linear: training features placed")
         out = _train_epochs(model, head, opt, sched, feed, num_classes, ignore_index, config, dev, val, progress,
                             group)
     finally:
