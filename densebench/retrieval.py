@@ -336,7 +336,7 @@ class TorchIndex(Index):
         n_blocks = -(-m // qc)
         short = MIN_QUERY_CHUNK - (m - (n_blocks - 1) * qc)
         if short > 0:   # a last block of a few rows would take BLAS's small-matrix path (other rounding)
-            q = torch.cat([q, q.new_zeros(short, self.dim)])
+            q = torch.cat([q, q[-1:].expand(short, -1)])   # copies of a real row: a zero row ties everywhere
         best: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_blocks
         with torch.inference_mode():
             for k0 in range(0, self.num_keys, self.key_chunk):

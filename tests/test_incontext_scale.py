@@ -130,9 +130,9 @@ def _bank(n=230, d=24, seed=0):
     norm (hbird-1.1 keys); queries equal to some keys."""
     rng = np.random.default_rng(seed)
     keys = rng.standard_normal((n, d)).astype(np.float16)
-    keys[::7] = keys[3]
-    keys[200:] = keys[10]
     keys *= rng.uniform(0.5, 2.0, (n, 1)).astype(np.float16)
+    keys[::7] = keys[3]                 # exact repeats (scaled first): equal similarities for every query
+    keys[200:] = keys[10]
     queries = F.normalize(torch.cat([torch.from_numpy(keys[:40].astype(np.float32)),
                                      torch.randn(56, d, generator=torch.Generator().manual_seed(seed))]), dim=1)
     labels = rng.integers(0, 17, (n, 5)).astype(np.uint8)
@@ -142,9 +142,9 @@ def _bank(n=230, d=24, seed=0):
 PLAN = SearchPlan(bank_block=50, search_block=32, images_per_call=1, transfer_chunk=1)
 
 
-def _search(keys, labels, queries, k, group, mode):
+def _search(keys, labels, queries, k, group, mode, plan=PLAN):
     config = Config(neighbours=k, key_norm="patch-axis", backend="torch")
-    search = BankSearch(config, StackedRows(keys), StackedRows(labels), PLAN, torch.device("cpu"), group, mode)
+    search = BankSearch(config, StackedRows(keys), StackedRows(labels), plan, torch.device("cpu"), group, mode)
     return search(queries)
 
 
@@ -171,7 +171,9 @@ def test_bank_sharded_search_merges_to_the_single_process_lists(tmp_path):
     keys, labels, queries = _bank()
     single = Group()
     for k in (30, 100):
-        weights, idx = _search(keys, labels, queries, k, single, None)
+        # the reference searches other blocks (7 keys) than the shards (50): ties must be settled the same way
+        weights, idx = _search(keys, labels, queries, k, single, None,
+                               SearchPlan(bank_block=7, search_block=32, images_per_call=1, transfer_chunk=1))
         bank = np.concatenate(keys).astype(np.float64)
         sims = queries.double().numpy() @ bank.T
         gap = np.sort(sims, axis=1)[:, ::-1]

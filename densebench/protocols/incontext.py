@@ -466,11 +466,12 @@ class BankSearch:
 
 
 def _queries(features, start: int, stop: int, device: torch.device, block: int) -> torch.Tensor:
-    """Val images ``[start, stop)``: their patch features L2-normalised, padded with zero rows to whole blocks."""
+    """Val images ``[start, stop)``: their patch features L2-normalised, padded to whole blocks with copies of the
+    last row (thrown away after the search; a zero row would tie with every key and take the slow tie path)."""
     val_feats = torch.from_numpy(np.array(features[start:stop], dtype=np.float32)).to(device)
     queries = F.normalize(val_feats.reshape(-1, val_feats.shape[-1]), dim=-1)
     pad = -queries.shape[0] % block
-    return F.pad(queries, (0, 0, 0, pad)) if pad else queries
+    return torch.cat([queries, queries[-1:].expand(pad, -1)]) if pad else queries
 
 
 def score(ctx: RunContext, prep: Prepared, feats: dict) -> Outcome:
