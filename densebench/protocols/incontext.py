@@ -40,7 +40,7 @@ from ..metrics import ConfusionMatrix, segmentation_scores
 from ..options import ProtocolConfig, option
 from ..pictures import render_label_panels
 from ..progress import progress_bar
-from .. import devices
+from .. import devices, distributed, precision
 from ..retrieval import (DEFAULT_BLOCK_ELEMENTS, DEFAULT_KEY_CHUNK, MIN_QUERY_CHUNK, StackedRows, build_index,
                          choose_backend, topk_order)
 from ..transforms import HummingbirdTrainView, ResizeView, generator_for, normalisation
@@ -382,7 +382,11 @@ def search_plan(config: Config, device_type: str, n_keys: int, tokens_per_image:
 def bank_budget(device: torch.device) -> int:
     """Bytes a replicated bank may take on this rank: a share of the free device memory (CUDA) or of the
     available host memory (the CPU search reads the memory map, whose pages the ranks of a machine share)."""
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else (devices.host_available() or 0)
+    if device.type == "cuda":   # ranks sharing one GPU (more ranks than GPUs) share its free memory
+        sharing = -(-distributed.local_world_size() // max(1, torch.cuda.device_count()))
+        free = torch.cuda.mem_get_info(device)[0] // sharing
+    else:
+        free = devices.host_available() or 0
     return int(free * BANK_SHARE)
 
 
@@ -488,7 +492,9 @@ def score(ctx: RunContext, prep: Prepared, feats: dict) -> Outcome:
     if len(keys) == 0:
         raise ConfigError("the memory bank is empty (no labelled patches in the train split)")
     plan = search_plan(config, dev.type, len(keys), s * s, C)
-    sharding = choose_sharding(config, group, dev, keys.nbytes + labels.nbytes) if group.enabled else None
+    # the replicated bank as the search holds it: fp16 keys on CUDA unless --precision fp32 widens them
+    key_bytes = keys.nbytes * (2 if dev.type == "cuda" and not precision.fp16_search(dev.type) else 1)
+    sharding = choose_sharding(config, group, dev, key_bytes + labels.nbytes) if group.enabled else None
     mode = sharding["mode"] if sharding else None
     search = BankSearch(config, keys, labels, plan, dev, group, mode)
     q = feats["val"]
