@@ -301,7 +301,7 @@ def timestamp() -> str:
 def write_run_summary(folder: str | Path, results: list[Result], *, device: str, notes: list[str] = ()) -> Path:
     """``summary.json`` beside a run's result files: every headline metric, the command line, the environment."""
     from . import __version__
-    from .results import atomic_write_text, environment
+    from .results import RUN_SUMMARY, atomic_write_text, environment
 
     rows = []
     for r in results:
@@ -313,7 +313,7 @@ def write_run_summary(folder: str | Path, results: list[Result], *, device: str,
     summary = {"densebench_version": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
                "command": list(sys.argv), "device": device, "environment": environment(device),
                "notes": list(notes), "results": rows}
-    return atomic_write_text(Path(folder) / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return atomic_write_text(Path(folder) / RUN_SUMMARY, json.dumps(summary, indent=2, default=str) + "\n")
 
 
 def embedded_default(out_dir: str | Path = "densebench-results", *, cache_dir: str | Path | None = None,

@@ -30,14 +30,14 @@ from . import leaderboard as lb
 from .errors import ResultError
 from .paths import slug
 from .pictures import write_bytes_atomic
-from .results import atomic_write_text, canonical_json, check_writable_folder, config_hash, read_result
+from .results import RUN_SUMMARY, atomic_write_text, canonical_json, check_writable_folder, config_hash, read_result
 
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
                ".svg": "image/svg+xml", ".webp": "image/webp"}
 #: In-context config fields that select the training subset: they vary along the fraction curve.
 FRACTION_FIELDS = frozenset({"train_fraction", "fraction_seed", "train_list"})
 #: ``densebench run`` writes this beside the per-benchmark results: not a result, skipped in folders.
-SUMMARY_NAME = "summary.json"
+SUMMARY_NAME = RUN_SUMMARY
 #: One colour per metric in the bar charts (matplotlib's tab10).
 METRIC_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 _SIZE_WORDS = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H", "giant": "g", "gigantic": "G"}
@@ -203,8 +203,9 @@ class Bar:
 def bar_data(benchmark: str, items: list[ReportItem]) -> list[Bar]:
     """The bars of ``benchmark``'s chart, in result order, one per (result, headline metric it reports)."""
     bars = []
+    names = _metric_names(benchmark, items)
     for it in items:
-        for m in _metric_names(benchmark, items):
+        for m in names:
             v = it.result["metrics"].get(m)
             if _is_number(v):
                 bars.append(Bar(it.label, m, float(v), metric_spread(it.result["metrics"], m)[0],

@@ -56,6 +56,10 @@ def integrity_hash(result: dict) -> str:
     return "sha256:" + hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
+#: the file ``densebench run`` writes beside a run's results (every headline metric, the command, the environment)
+RUN_SUMMARY = "summary.json"
+
+
 def jsonable(obj: Any, *, nonfinite_as_text: bool = False) -> Any:
     """Dataclasses, paths, tuples, numpy scalars -> plain JSON. NaN/inf are refused (in a result they mean a
     bug), or with ``nonfinite_as_text`` written as their string (a report of a diverged loss)."""

@@ -27,6 +27,14 @@ FORMATS = ("table", "markdown", "csv", "json", "plain", "html")
 # ---------------------------------------------------------------------------------------------------
 # Legend text, shared by the terminal, Markdown and HTML
 
+def summary_line(view: BoardView) -> str:
+    """How mean and rank are computed, or why no row has them (no model has every shown benchmark)."""
+    if not any(summary_text(row, "mean") for row in view.rows):
+        return (f"Mean and rank: no model has all {len(view.main_columns)} benchmark columns shown; "
+                "choose fewer with -b (e.g. -b linear).")
+    return summary_rule(view)
+
+
 def summary_rule(view: BoardView) -> str:
     """How the mean and the average rank are computed over this view."""
     n = len(view.main_columns)
@@ -190,11 +198,7 @@ def render_table(doc: dict, *, benchmarks: Sequence[str] | None = None, source: 
             for i, block in enumerate(blocks)])
     out.lines += column_legend(view, width)
     out.lines.append("src: [n] = published in source n (below); otherwise the measured weights' fingerprint.")
-    if not any(h in ("mean", "rank") for h, _, _ in numbers):
-        out.lines.append(f"Mean and rank: no model has all {len(view.main_columns)} benchmark columns shown; "
-                         "choose fewer with -b (e.g. -b linear).")
-    else:
-        out.lines.append(summary_rule(view))
+    out.lines.append(summary_line(view))
     out.lines += [marks_rule(), *hidden_rule(view), *_notes(view), *_citation_lines(view)]
     return out
 
@@ -283,7 +287,7 @@ def render_markdown(leaderboard: dict, **kw) -> str:
         records.append(rec)
     lines = [tables.render(records, cols, "markdown"), "",
              f"mIoU / PCK / J&F in %. **Bold**: the best value. {md_escape(marks_rule(), pipes=False)}", "",
-             summary_rule(view)]
+             summary_line(view)]
     versions = [f"{c.label}: {c.version}" for c in view.columns if c.version and c.main]
     if versions:
         lines += ["", "Protocol versions (numbers are compared only within one version): " + ", ".join(
