@@ -487,6 +487,19 @@ def test_plan_reads_each_image_once_per_category_and_blocks_over_the_budget():
         reads, peak = _simulate(steps, pair_rows)
         assert peak <= budget and all(st.blocked for st in steps)
         assert set(reads) == {r for _, r in distinct} and len(reads) > len(distinct)
+
+
+def test_a_blocked_category_reads_each_block_once_per_earlier_block_it_pairs_with():
+    """8 images, every pair, room for 4: blocks of 2 images, {0,1} {2,3} {4,5} {6,7}. Worked by hand: the steps
+    are the 10 block pairs (a, b), a <= b, in order; a step reads the blocks it does not already hold: block 0
+    once, block 1 twice (with 0, then with itself), block 2 three times, block 3 three times ((3, 3) follows (2, 3),
+    which holds it) = 9 block reads = 18 grid reads, at most 4 grids held."""
+    pair_rows = [("cat", i, j) for i in range(8) for j in range(8) if i != j]
+    steps = plan_reads(pair_rows, max_images=4)
+    assert len(steps) == 10 and all(st.blocked for st in steps)
+    assert sorted(p for st in steps for p in st.pairs) == list(range(len(pair_rows)))
+    reads, peak = _simulate(steps, pair_rows)
+    assert len(reads) == 18 and peak == 4
     # a category that fits is read once even when another one does not
     mixed = [("big", r, (r + 1) % 6) for r in range(6)] + [("small", 10, 11), ("small", 11, 10)]
     steps = plan_reads(mixed, max_images=4)
@@ -589,6 +602,7 @@ def test_category_scoring_equals_the_per_pair_recipe_and_reads_each_grid_once(ca
     prep = prepare(ctx)
     feats = extract_features(ctx, prep)
     results = {}
+    ref_preds, ref_metrics = _per_pair_reference(ctx.config, prep, feats)   # independent of the read plan
     for budget in (4096.0, 1e-6):     # everything held / two grids at a time (image blocks of one)
         ctx.config = dataclasses.replace(ctx.config, grid_budget_mb=budget)
         counted = CountingGrids(feats)
@@ -604,10 +618,9 @@ def test_category_scoring_equals_the_per_pair_recipe_and_reads_each_grid_once(ca
             assert d["grid_reads"] == len(distinct) < 2 * len(pairs) and d["grid_blocked_categories"] == 0
         else:
             assert d["grid_reads"] > len(distinct) and d["grid_blocked_categories"] >= 1
-        ref_preds, ref_metrics = _per_pair_reference(ctx.config, prep, feats)
         s = feats.shape[1] * ctx.config.upsample
         geo = Geometry(ctx.config.input_size, prep.view.padded_size, prep.view.offset, s)
-        matched = _match_pairs(ctx, prep, feats, geo, ctx.config.pair_batch or 8)
+        matched = _match_pairs(ctx, prep, feats, geo, d["pair_batch"])   # the batches score used
         for i in prep.used:   # bit-identical predictions
             assert np.array_equal(matched.preds[i], ref_preds[i]), prep.pairs[i]["name"]
         assert set(ref_metrics) == {k for k in outcome.metrics if k.startswith("pck@")}
