@@ -311,7 +311,7 @@ def list_benchmarks(options: bool = typer.Option(False, "--options", help="Show 
 
 @data_app.command("verify")
 def data_verify(name: str = typer.Argument(..., help="voc, ade20k, coco-things, coco-stuff or spair"),
-                root: str | None = typer.Option(None, "--root", help="Dataset folder or data home "
+                root: str | None = typer.Option(None, "--root", "--data-root", help="Dataset folder or data home "
                                                    "(default $DENSEBENCH_DATA).")) -> None:
     """Check a dataset folder: layout, counts, label ranges, image/mask sizes. Exit 1 if problems are found."""
     from .data import FAMILIES
@@ -341,8 +341,9 @@ def data_verify(name: str = typer.Argument(..., help="voc, ade20k, coco-things, 
 
 @data_app.command("prepare")
 def data_prepare(name: str = typer.Argument(..., help="voc, ade20k, coco-things, coco-stuff or spair"),
-                 root: str | None = typer.Option(None, "--root", help="For COCO: the COCO root (or data home) "
-                                                    "whose train2017/val2017 folders define the split lists.")) -> None:
+                 root: str | None = typer.Option(None, "--root", "--data-root", help="For COCO: the COCO root (or "
+                                                 "data home) whose train2017/val2017 folders define the split "
+                                                 "lists.")) -> None:
     """Print the official archives (URLs, checksums) and the steps that build the expected layout.
 
     For coco-things / coco-stuff with --root, also write the split lists densebench reads

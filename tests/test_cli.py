@@ -220,3 +220,9 @@ def test_benchmark_without_model_runs_the_builtin_models_on_just_those(tmp_path,
     assert written == ["pixels", "random_vit_small_patch16_224"]
     assert not list((tmp_path / "densebench-results").glob("*/*/voc-incontext.json"))
     assert "reduced settings of the embedded default" in out and "spair-correspondence: input_size=224" in out
+
+
+def test_data_commands_take_the_data_root_flag_of_run(synth_root, capsys):
+    """`data verify --data-root` as `run --data-root` (and `--root` as before) name the same folder."""
+    got = [run_cli(["data", "verify", "voc", flag, str(synth_root)], capsys) for flag in ("--root", "--data-root")]
+    assert got[0][0] == got[1][0] == 0 and got[0][1] == got[1][1] and str(synth_root) in got[0][1]
